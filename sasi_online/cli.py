@@ -1,0 +1,64 @@
+"""`sasi`: the command-line entry point.
+
+Each sub-command lives in `sasi_online/commands/<name>.py` and exposes
+`add_arguments(parser)` and `run(args) -> int`. Modules are imported only when their
+command runs, so `sasi --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). Order is the order a user meets them.
+COMMANDS = {
+    "zoo": ("sasi_online.commands.zoo", "build the tiny model set (Hugging Face layout) used by tests and the demo"),
+    "semantics": ("sasi_online.commands.semantics", "captions, rewrites and visual prompts for a dataset, with a grid PNG"),
+    "generate": ("sasi_online.commands.generate", "generate SASI into a resumable store"),
+    "filter": ("sasi_online.commands.filter", "flag fishy SASI by CLIP similarity; plot the histogram"),
+    "train": ("sasi_online.commands.train", "train an encoder on (real, SASI) pairs in one process"),
+    "eval": ("sasi_online.commands.eval", "kNN, linear probe, semi-supervised, transfer, t-SNE and a report"),
+    "demo": ("sasi_online.commands.demo", "the README's main job on the embedded data and the tiny models"),
+}
+
+
+def build_parser(available: dict[str, tuple[str, str]] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sasi",
+        description="Contrastive self-supervised learning with semantic-aware synthetic images (SASI).",
+        epilog="Run 'sasi COMMAND --help' for a command's options. Configs live in configs/; "
+        "any config value can be overridden as section.key=value.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in (COMMANDS if available is None else available).items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    available = {n: v for n, v in COMMANDS.items() if importlib.util.find_spec(v[0]) is not None}
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in available:
+        parser = build_parser(available)
+        if argv and argv[0] not in ("-h", "--help"):
+            parser.error(f"unknown command '{argv[0]}'; choose from {', '.join(available)}")
+        parser.print_help()
+        return 0 if argv else 2
+    name = argv[0]
+    module = importlib.import_module(available[name][0])
+    parser = argparse.ArgumentParser(prog=f"sasi {name}", description=available[name][1],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    module.add_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    from sasi_online.config import ConfigError
+    from sasi_online.errors import UserInputError
+
+    try:
+        return int(module.run(args) or 0)
+    except (ConfigError, UserInputError) as exc:
+        print(f"sasi {name}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
