@@ -1,0 +1,129 @@
+"""Rank roles for one launch: trainers first, producers on the last ranks.
+
+Trainers get their own process group, and DeepSpeed gets an `mpu` that confines data
+parallelism to it (without one `deepspeed.initialize` waits for producers that never
+join). Producers sit on the last ranks because DeepSpeed writes `latest` and
+`zero_to_fp32.py` only on global rank 0, which must be a trainer.
+The same code runs with gloo on a CPU and NCCL on GPUs.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Roles:
+    rank: int
+    world_size: int
+    num_producers: int
+    trainer_ranks: list[int]
+    producer_ranks: list[int]
+    trainer_group: Any = None  # process group of the trainers (None when not distributed)
+    transport_group: Any = None  # every rank: producer -> trainer sends run here
+    mpu: Any = None  # DeepSpeed model-parallel unit for the trainers
+
+    @property
+    def is_producer(self) -> bool:
+        return self.rank in self.producer_ranks
+
+    @property
+    def is_trainer(self) -> bool:
+        return not self.is_producer
+
+    @property
+    def num_trainers(self) -> int:
+        return len(self.trainer_ranks)
+
+    @property
+    def trainer_rank(self) -> int:
+        """Rank inside the trainer group (-1 on a producer)."""
+        return self.trainer_ranks.index(self.rank) if self.is_trainer else -1
+
+    def owner_of(self, image_index: int) -> int:
+        """Global rank of the trainer that owns `image_index` (the sampler shards by index mod trainers)."""
+        return self.trainer_ranks[image_index % self.num_trainers]
+
+
+class TrainerMPU:
+    """The subset of Megatron's mpu interface that DeepSpeed asks for."""
+
+    def __init__(self, trainer_group: Any, trainer_ranks: list[int], self_group: Any):
+        self._dp = trainer_group
+        self._dp_ranks = trainer_ranks
+        self._mp = self_group
+
+    def get_data_parallel_group(self):
+        return self._dp
+
+    def get_data_parallel_world_size(self) -> int:
+        return dist.get_world_size(self._dp)
+
+    def get_data_parallel_rank(self) -> int:
+        return dist.get_rank(self._dp)
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return list(self._dp_ranks)
+
+    def get_model_parallel_group(self):
+        return self._mp
+
+    def get_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_model_parallel_rank(self) -> int:
+        return 0
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed() -> bool:
+    """Start torch.distributed from the launcher's environment, if there is one.
+
+    Returns True when running distributed (world size > 1 or launched by a launcher).
+    """
+    if dist.is_available() and dist.is_initialized():
+        return True
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return False
+    import deepspeed
+
+    # Every rank must start DeepSpeed's comms, or trainers spin inside initialize().
+    deepspeed.init_distributed(dist_backend=default_backend())
+    return True
+
+
+def setup_roles(num_producers: int) -> Roles:
+    """Split the world into trainers (first ranks) and `num_producers` producers (last ranks).
+
+    Must be called on every rank: `dist.new_group` is collective.
+    """
+    distributed = dist.is_available() and dist.is_initialized()
+    world = dist.get_world_size() if distributed else 1
+    rank = dist.get_rank() if distributed else 0
+    if num_producers < 0 or (num_producers > 0 and num_producers >= world):
+        raise ValueError(
+            f"online.producers={num_producers} leaves no trainer in a world of {world} rank(s); "
+            f"launch more ranks (deepspeed --num_gpus N) or lower online.producers"
+        )
+    trainers = list(range(world - num_producers))
+    producers = list(range(world - num_producers, world))
+    roles = Roles(rank=rank, world_size=world, num_producers=num_producers,
+                  trainer_ranks=trainers, producer_ranks=producers)
+    if not distributed:
+        return roles
+    backend = dist.get_backend()
+    roles.trainer_group = dist.new_group(trainers, backend=backend)
+    roles.transport_group = dist.new_group(list(range(world)), backend=backend)
+    # One single-rank group per rank for the model-parallel slot (created on every rank).
+    self_groups = [dist.new_group([r], backend=backend) for r in range(world)]
+    if roles.is_trainer:
+        roles.mpu = TrainerMPU(roles.trainer_group, trainers, self_groups[rank])
+    return roles
+
