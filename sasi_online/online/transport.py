@@ -1,0 +1,189 @@
+"""Producer → trainer transport of SASI batches over torch.distributed point-to-point.
+
+Why it looks like this (measured on gloo, NOTES.md):
+- `isend`/`irecv` on a dedicated transport group run beside DeepSpeed's all-reduce on
+  the trainer group without interfering;
+- on gloo `work.is_completed()` never turns True for p2p and `wait(timeout=...)` breaks
+  the group, so a trainer detects arrival with a sentinel: the header of each posted
+  receive buffer is pre-filled with -1 and a producer always writes values >= 0. Once
+  the sentinel is gone the trainer calls `wait()` exactly once and reposts the buffer;
+- `isend` never blocks, so without flow control unsent batches pile up in the producer:
+  trainers publish how many messages they consumed (c10d store) and a producer sends
+  to a trainer only while sent - consumed < buffers posted (credits);
+- a dropped isend handle cancels the send silently, so handles are kept until known done.
+
+One message = one tensor: int64 header [kind, count, (image index, variant) * B]
+followed by B uint8 images, packed into one uint8 buffer.
+The same code runs on NCCL (GPU tensors) and gloo (CPU tensors).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+KIND_DATA = 0
+KIND_STOP = 1
+_SENTINEL = -1
+
+
+@dataclass
+class SasiBatch:
+    producer: int
+    indices: list[int]
+    variants: list[int]
+    images: torch.Tensor  # uint8 [n, H, W, 3]
+
+
+class _Layout:
+    def __init__(self, batch: int, image_shape: tuple[int, int, int]):
+        self.batch = batch
+        self.image_shape = tuple(image_shape)
+        self.header_items = 2 + 2 * batch
+        self.header_bytes = 8 * self.header_items
+        self.image_bytes = int(np.prod(self.image_shape))
+        self.nbytes = self.header_bytes + batch * self.image_bytes
+
+    def header(self, buf: torch.Tensor) -> torch.Tensor:
+        return buf[: self.header_bytes].view(torch.int64)
+
+    def images(self, buf: torch.Tensor, n: int) -> torch.Tensor:
+        body = buf[self.header_bytes: self.header_bytes + n * self.image_bytes]
+        return body.view(n, *self.image_shape)
+
+
+def _credit_key(producer: int, trainer: int) -> str:
+    return f"sasi/consumed/{producer}->{trainer}"
+
+
+class SasiSender:
+    """Producer side: send SASI to the trainer that owns each image index, never blocking."""
+
+    def __init__(self, trainer_ranks: list[int], batch: int, image_shape, group: Any,
+                 credits: int, store: Any, device: str | torch.device = "cpu"):
+        self.layout = _Layout(batch, image_shape)
+        self.trainers = list(trainer_ranks)
+        self.group = group
+        self.credits = credits
+        self.store = store
+        self.device = device
+        self.rank = dist.get_rank()
+        self.sent = {t: 0 for t in self.trainers}
+        self.pending: list[tuple] = []  # (work, buffer, trainer, seq): kept until known done
+
+    def consumed(self, trainer: int) -> int:
+        return int(self.store.add(_credit_key(self.rank, trainer), 0))
+
+    def has_credit(self, trainer: int) -> bool:
+        return self.sent[trainer] - self.consumed(trainer) < self.credits
+
+    def _reap(self) -> None:
+        # A send is known complete once the receiver consumed a later message count;
+        # keep at most `credits` handles per trainer alive.
+        keep = []
+        for work, buf, trainer, seq in self.pending:
+            if seq < self.consumed(trainer):
+                work.wait()  # already delivered: returns at once
+            else:
+                keep.append((work, buf, trainer, seq))
+        self.pending = keep
+
+    def send(self, trainer: int, indices: list[int], variants: list[int], images: torch.Tensor,
+             kind: int = KIND_DATA) -> bool:
+        """Queue one message to `trainer`. False (nothing sent) when it has no credit left."""
+        if kind == KIND_DATA and not self.has_credit(trainer):
+            return False
+        n = len(indices)
+        if n > self.layout.batch:
+            raise ValueError(f"at most {self.layout.batch} SASI per message, got {n}")
+        buf = torch.zeros(self.layout.nbytes, dtype=torch.uint8, device=self.device)
+        head = self.layout.header(buf)
+        head[0] = kind
+        head[1] = n
+        if n:
+            head[2: 2 + 2 * n] = torch.tensor([v for pair in zip(indices, variants) for v in pair],
+                                              dtype=torch.int64, device=self.device)
+            self.layout.images(buf, n).copy_(images.to(self.device, torch.uint8))
+        work = dist.isend(buf, dst=trainer, group=self.group)
+        self.pending.append((work, buf, trainer, self.sent[trainer]))
+        self.sent[trainer] += 1
+        self._reap()
+        return True
+
+    def stop(self) -> None:
+        """Tell every trainer this producer is done (sent regardless of credits)."""
+        empty = torch.zeros((0, *self.layout.image_shape), dtype=torch.uint8)
+        for t in self.trainers:
+            self.send(t, [], [], empty, kind=KIND_STOP)
+
+    def close(self) -> None:
+        """Wait for the sends still in flight (call after the trainers have consumed them)."""
+        for work, *_ in self.pending:
+            work.wait()
+        self.pending = []
+
+
+class SasiReceiver:
+    """Trainer side: `buffers` receives posted per producer, polled without blocking."""
+
+    def __init__(self, producer_ranks: list[int], batch: int, image_shape, group: Any,
+                 buffers: int, store: Any, device: str | torch.device = "cpu"):
+        self.layout = _Layout(batch, image_shape)
+        self.producers = list(producer_ranks)
+        self.group = group
+        self.store = store
+        self.device = device
+        self.rank = dist.get_rank()
+        self.stopped: set[int] = set()
+        self.received = 0
+        # NCCL completes p2p on its own stream, where polling the buffer is unsafe but
+        # is_completed() works; on gloo it is the other way round.
+        self._nccl = dist.get_backend(group) == "nccl" 
+        # Posted in order; gloo and NCCL deliver messages between one pair in send order.
+        self.posted: dict[int, list[tuple[Any, torch.Tensor]]] = {p: [] for p in self.producers}
+        for p in self.producers:
+            for _ in range(buffers):
+                self._post(p)
+
+    def _post(self, producer: int) -> None:
+        buf = torch.empty(self.layout.nbytes, dtype=torch.uint8, device=self.device)
+        self.layout.header(buf).fill_(_SENTINEL)
+        work = dist.irecv(buf, src=producer, group=self.group)
+        self.posted[producer].append((work, buf))
+
+    @property
+    def all_stopped(self) -> bool:
+        return self.stopped == set(self.producers)
+
+    def poll(self, limit: Optional[int] = None) -> list[SasiBatch]:
+        """Every message that has arrived so far (oldest first per producer); never blocks."""
+        out: list[SasiBatch] = []
+        for p in self.producers:
+            queue = self.posted[p]
+            while queue and (limit is None or len(out) < limit):
+                work, buf = queue[0]
+                head = self.layout.header(buf)
+                arrived = work.is_completed() if self._nccl else int(head[0]) != _SENTINEL
+                if not arrived:
+                    break  # not arrived yet; later buffers cannot have arrived either
+                work.wait()  # exactly once: the data is in (or finishing)
+                queue.pop(0)
+                kind, n = int(head[0]), int(head[1])
+                self.store.add(_credit_key(p, self.rank), 1)
+                if kind == KIND_STOP:
+                    self.stopped.add(p)
+                    continue
+                pairs = head[2: 2 + 2 * n].view(n, 2).tolist() if n else []
+                images = self.layout.images(buf, n).clone()
+                out.append(SasiBatch(p, [a for a, _ in pairs], [b for _, b in pairs], images))
+                self.received += n
+                self._post(p)
+        return out
+
+
+def default_store() -> Any:
+    """The c10d key-value store of the default process group (used for credits)."""
+    return dist.distributed_c10d._get_default_store()
