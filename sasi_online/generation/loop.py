@@ -1,0 +1,106 @@
+"""The denoising loop, in swappable pieces.
+
+text encoding → latent init (noise, or img2img noising to `strength`) → repeated
+`denoise_step` (UNet + ControlNet residuals → `guided_step`) → VAE decode.
+Each piece mirrors what diffusers' Stable Diffusion pipelines do, so the same seeds and
+settings give the same image (tested against those pipelines).
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+
+def encode_text(tokenizer: Any, text_encoder: Any, prompts: Sequence[str],
+                negatives: Optional[Sequence[str]], device: torch.device) -> torch.Tensor:
+    """CLIP text states; with `negatives` the result is [negatives; prompts] (2N rows) for CFG."""
+
+    def run(texts: Sequence[str]) -> torch.Tensor:
+        tok = tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt")
+        mask = tok.attention_mask.to(device) if getattr(text_encoder.config, "use_attention_mask", False) else None
+        return text_encoder(tok.input_ids.to(device), attention_mask=mask)[0].to(text_encoder.dtype)
+
+    cond = run(prompts)
+    if negatives is None:
+        return cond
+    return torch.cat([run(negatives), cond])
+
+
+def img2img_timesteps(scheduler: Any, steps: int, strength: float) -> torch.Tensor:
+    """The tail of the schedule that img2img runs: the last `strength` fraction of `steps`."""
+    init = min(int(steps * strength), steps)
+    t_start = max(steps - init, 0)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(t_start * scheduler.order)
+    return scheduler.timesteps[t_start * scheduler.order:]
+
+
+def init_latents(scheduler: Any, vae: Any, shape: tuple, generators: list, device: torch.device,
+                 dtype: torch.dtype, image: Optional[torch.Tensor] = None,
+                 first_t: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Starting latents: scaled pure noise, or the VAE latents of `image` noised to `first_t`.
+
+    One generator per image: its draws (VAE sample, then noise) never depend on the batch.
+    """
+    if image is None:
+        noise = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
+        return noise * scheduler.init_noise_sigma
+    dist = vae.encode(image.to(device, dtype)).latent_dist
+    z = dist.sample(generator=generators) * vae.config.scaling_factor
+    noise = randn_tensor(z.shape, generator=generators, device=device, dtype=dtype)
+    return scheduler.add_noise(z, noise, first_t.repeat(z.shape[0]))
+
+
+def step_kwargs(scheduler: Any, generators: list) -> dict:
+    """Stochastic samplers (DDPM) draw their noise from the per-image generators."""
+    params = inspect.signature(scheduler.step).parameters
+    kw = {}
+    if "generator" in params:
+        kw["generator"] = generators
+    if "eta" in params:
+        kw["eta"] = 0.0
+    return kw
+
+
+def guided_step(scheduler: Any, noise_pred: torch.Tensor, t: Any, latents: torch.Tensor,
+                guidance: float, extra: dict) -> torch.Tensor:
+    """Classifier-free guidance combine + one scheduler step (a fused kernel may replace this)."""
+    if noise_pred.shape[0] == 2 * latents.shape[0]:
+        uncond, cond = noise_pred.chunk(2)
+        noise_pred = uncond + guidance * (cond - uncond)
+    return scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
+
+
+def denoise_step(backend: Callable[..., torch.Tensor], scheduler: Any, latents: torch.Tensor, t: Any,
+                 text_states: torch.Tensor, guidance: float, extra: dict,
+                 controlnet: Any = None, control: Optional[torch.Tensor] = None,
+                 control_scale: float = 1.0) -> torch.Tensor:
+    """One sampler step for a batch: UNet (+ ControlNet residuals) → `guided_step`."""
+    cfg = text_states.shape[0] == 2 * latents.shape[0]
+    model_in = torch.cat([latents] * 2) if cfg else latents
+    model_in = scheduler.scale_model_input(model_in, t)
+    if controlnet is not None and getattr(controlnet, "fuses_controlnet", False):
+        # an engine holding ControlNet + UNet in one graph
+        noise_pred = controlnet.controlled(model_in, t, text_states, control, control_scale)
+    else:
+        down, mid = None, None
+        if controlnet is not None:
+            down, mid = controlnet(model_in, t, encoder_hidden_states=text_states, controlnet_cond=control,
+                                   conditioning_scale=control_scale, guess_mode=False, return_dict=False)
+        noise_pred = backend(model_in, t, text_states, down, mid)
+    return guided_step(scheduler, noise_pred, t, latents, guidance, extra)
+
+
+def decode(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Latents → images in [-1, 1] (N x 3 x H x W)."""
+    return vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+
+
+def to_uint8(images: torch.Tensor) -> "np.ndarray":  # noqa: F821
+    """[-1, 1] images → N x H x W x 3 uint8, rounded the way diffusers' PIL output is."""
+    x = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    return (x * 255).round().astype("uint8")
