@@ -89,8 +89,13 @@ class GenerationConfig:
     backend: str = "eager"  # eager | compile | onnxruntime | tensorrt | torch_tensorrt
     attention: str = "auto"  # auto | sdpa | xformers
     deep_cache_interval: int = 1  # >1: reuse deep UNet features for this many steps
+    fused_step: bool = True  # DDPM/DDIM: CFG combine + scheduler step as one kernel (Triton on CUDA)
     negative_prompt: str = ""
     seed: int = 0
+    device: str = "auto"  # auto (cuda if present) | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (float16 on cuda, float32 on cpu) | float32 | float16 | bfloat16
+    engine_dir: Optional[str] = None  # where onnxruntime / TensorRT backends cache their graphs
+    text: str = "model"  # model (BLIP-2 caption + LLM rewrite, the paper) | class_name ("a photo of a <class>")
 
 
 @dataclass
@@ -129,14 +134,18 @@ class MethodConfig:
     proj_dim: int = 128
     proj_hidden: int = 512
     pred_hidden: int = 512
-    queue_size: int = 65536
-    temperature: float = 0.2
-    momentum: float = 0.99  # base EMA momentum of target networks
+    queue_size: int = 65536  # MoCo-v2 negatives, AdCo bank; a multiple of the global batch
+    # None = the method's published value (MoCo-v2 0.2, MoCo-v3 0.2, SimCLR 0.5, SwAV 0.1,
+    # DINO student 0.1, AdCo 0.12; ignored by the others).
+    temperature: Optional[float] = None
+    # Base EMA momentum of target networks; None = the method's own (MoCo-v2 0.999,
+    # MoCo-v3 0.99, BYOL/DINO 0.996, AdCo 0.99). Rises to momentum_final along a cosine.
+    momentum: Optional[float] = None
     momentum_final: float = 1.0
-    shuffle_bn: bool = False
+    shuffle_bn: bool = False  # MoCo-v2: shuffle the key batch across trainers (split batches in one process)
     num_prototypes: int = 300  # SwAV / DINO output size
     local_crops: int = 0  # multi-crop
-    extra: dict = field(default_factory=dict)  # method-specific knobs, documented per method
+    extra: dict = field(default_factory=dict)  # method-specific knobs; each method lists its own
 
 
 @dataclass
@@ -153,6 +162,8 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 100
     knn_every: int = 100
+    knn_bank: int = 2000  # training images (evenly spaced) the kNN monitor votes with
+    knn_test: int = 500  # test images the kNN monitor classifies
     resume: bool = True
 
 
@@ -162,18 +173,39 @@ class OnlineConfig:
     ring_slots: int = 256
     max_reuse: int = 8
     max_age: int = 2000  # trainer steps
-    lookahead: int = 64  # trainer steps the producers generate ahead
-    send_batch: int = 4
+    lookahead: int = 64  # trainer steps the producers generate ahead (0: random images, no look-ahead)
+    send_batch: int = 4  # SASI per producer -> trainer message
+    credits: int = 4  # messages in flight per (producer, trainer) pair; receive buffers posted
+    plots: bool = True  # ring fill / hit rate / throughput PNGs in train.out at the end
+    # Before its first step each trainer waits until its ring holds this many SASI (or every
+    # producer has stopped): producers load models meanwhile. 0 = start at once.
+    start_sasi: int = 0
+    # Fault-injection hooks for tests and drills (-1 = off): producer batch N raises inside
+    # generation (caught, skipped); the producer loop itself raises after N batches.
+    fault_batch: int = -1
+    fault_loop_after: int = -1
 
 
 @dataclass
 class EvalConfig:
     knn_k: int = 200
     knn_t: float = 0.07
-    linear_epochs: int = 30
+    # Linear probe: full-batch L-BFGS on standardised features; the L2 strength is chosen
+    # from this list on a seeded class-balanced hold-out of the train split.
+    linear_weight_decays: list = field(default_factory=lambda: [1e-4, 1e-3, 1e-2])
+    linear_max_iter: int = 200
     semi_fractions: list = field(default_factory=lambda: [0.01, 0.1])
-    transfer: list = field(default_factory=list)
+    semi_split_files: list = field(default_factory=list)  # SimCLR split files; replace semi_fractions
+    transfer: list = field(default_factory=list)  # "dataset:ROOT" entries, e.g. "cifar10:data/cifar10"
     tsne_classes: int = 10
+    tsne_per_class: int = 100
+    batch_size: int = 256
+    crop_ratio: float = 1.0  # 1.0: resize to data.image_size; 0.875: ImageNet's 256 -> 224 centre crop
+    device: str = "auto"  # auto (cuda if present) | cpu | cuda | cuda:N
+    num_workers: int = 0
+    seed: int = 0
+    train_split: str = "train"  # split the kNN bank and the probes are fitted on
+    test_split: str = "auto"  # auto: "test", else "val" (ImageNet-style folders)
 
 
 @dataclass

@@ -7,6 +7,8 @@
 """
 from __future__ import annotations
 
+import re
+
 from pathlib import Path
 
 from sasi_online.errors import UserInputError
@@ -69,10 +71,11 @@ def run(args) -> int:
         if name in used:  # two tags of one run: keep their outputs apart
             name = f"{name}-{len(used) + 1}"
         used.add(name)
+        folder = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "run"  # "w/ SASI" -> w_SASI
         if args.out is None:
-            out = run_folder(file) / "eval" if single else Path("runs/eval") / name
+            out = run_folder(file) / "eval" if single else Path("runs/eval") / folder
         else:
-            out = Path(args.out) if single else Path(args.out) / name
+            out = Path(args.out) if single else Path(args.out) / folder
         print(f"evaluating {file} → {out}")
         evals.append(evaluate_checkpoint(file, out, overrides, args.transfer, run_name=name))
     for path in args.compare:

@@ -1,0 +1,207 @@
+"""Augmentation recipes: one YAML file drives both backends (torchvision v2 and DALI).
+
+A recipe lists the global views (view i uses entry i mod len) and optional local crops.
+Each view kind is augmented independently per image, so real and SASI streams share the
+recipe but get their own random draws. `plain` is resize + normalise (sasi_no_aug).
+
+Images enter as HWC uint8 numpy arrays (RGB) and leave as normalised float CHW tensors.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import yaml
+
+from sasi_online.errors import UserInputError
+
+RECIPE_DIR = Path(__file__).parent / "recipes"
+PLAIN = "plain"  # the view kind without augmentation
+
+
+@dataclass
+class ViewSpec:
+    size: float = 1.0  # output side as a fraction of data.image_size
+    scale: tuple = (0.2, 1.0)  # random-resized-crop area range
+    ratio: tuple = (0.75, 4 / 3)
+    flip: float = 0.5
+    jitter_prob: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1  # fraction of the hue circle, as torchvision's ColorJitter
+    grayscale: float = 0.2
+    blur_prob: float = 0.5
+    blur_sigma: tuple = (0.1, 2.0)  # in pixels of a 224 px image; scaled with the side
+    solarize: float = 0.0
+
+    def side(self, image_size: int) -> int:
+        return max(4, int(round(self.size * image_size)))
+
+    def blur_kernel(self, image_size: int) -> int:
+        """Odd kernel of ~10% of the side, as SimCLR/MoCo use."""
+        k = int(0.1 * self.side(image_size))
+        return max(3, k // 2 * 2 + 1)
+
+    def sigma_range(self, image_size: int) -> tuple[float, float]:
+        # Recipes quote sigma for 224 px images; keep the blur's relative extent at other sides.
+        f = self.side(image_size) / 224.0
+        return (max(self.blur_sigma[0] * f, 1e-3), max(self.blur_sigma[1] * f, 2e-3))
+
+
+@dataclass
+class Recipe:
+    name: str
+    mean: tuple
+    std: tuple
+    global_views: list[ViewSpec]
+    local_view: Optional[ViewSpec] = None
+    local_count: int = 0
+
+    def view_kinds(self, num_global: int, num_local: int) -> list[str]:
+        return [f"global{i % len(self.global_views)}" for i in range(num_global)] + ["local"] * num_local
+
+    def spec(self, kind: str) -> Optional[ViewSpec]:
+        if kind == PLAIN:
+            return None
+        if kind == "local":
+            if self.local_view is None:
+                raise UserInputError(f"recipe '{self.name}' has no 'local' section; local crops "
+                                     f"need one (see the dino recipe) or set method.local_crops=0")
+            return self.local_view
+        return self.global_views[int(kind[len("global"):])]
+
+
+_SPEC_KEYS = {"size", "scale", "ratio", "flip", "jitter", "grayscale", "blur", "solarize", "count"}
+
+
+def _parse_spec(raw: dict, where: str) -> ViewSpec:
+    if not isinstance(raw, dict):
+        raise UserInputError(f"{where}: expected a mapping of view settings")
+    unknown = set(raw) - _SPEC_KEYS
+    if unknown:
+        raise UserInputError(f"{where}: unknown keys {sorted(unknown)}; valid: {sorted(_SPEC_KEYS)}")
+    s = ViewSpec()
+    s.size = float(raw.get("size", s.size))
+    s.scale = tuple(float(v) for v in raw.get("scale", s.scale))
+    s.ratio = tuple(float(v) for v in raw.get("ratio", s.ratio))
+    s.flip = float(raw.get("flip", s.flip))
+    j = raw.get("jitter", {})
+    s.jitter_prob = float(j.get("prob", s.jitter_prob))
+    s.brightness = float(j.get("brightness", s.brightness))
+    s.contrast = float(j.get("contrast", s.contrast))
+    s.saturation = float(j.get("saturation", s.saturation))
+    s.hue = float(j.get("hue", s.hue))
+    s.grayscale = float(raw.get("grayscale", s.grayscale))
+    b = raw.get("blur", {})
+    s.blur_prob = float(b.get("prob", s.blur_prob))
+    s.blur_sigma = tuple(float(v) for v in b.get("sigma", s.blur_sigma))
+    s.solarize = float(raw.get("solarize", s.solarize))
+    for name in ("flip", "jitter_prob", "grayscale", "blur_prob", "solarize"):
+        if not 0.0 <= getattr(s, name) <= 1.0:
+            raise UserInputError(f"{where}: probability '{name}' must lie in [0, 1], got {getattr(s, name)}")
+    if not (0 < s.scale[0] <= s.scale[1] <= 1.0):
+        raise UserInputError(f"{where}: scale must be 0 < min <= max <= 1, got {list(s.scale)}")
+    if not 0.0 <= s.hue <= 0.5:
+        raise UserInputError(f"{where}: jitter.hue must lie in [0, 0.5], got {s.hue}")
+    return s
+
+
+def load_recipe(name_or_path: str) -> Recipe:
+    """A shipped recipe by name (mocov2, simclr, dino) or a YAML file path."""
+    p = Path(name_or_path)
+    if not p.suffix:
+        p = RECIPE_DIR / f"{name_or_path}.yaml"
+    if not p.is_file():
+        shipped = sorted(q.stem for q in RECIPE_DIR.glob("*.yaml"))
+        raise UserInputError(f"augment.recipe '{name_or_path}' not found; use one of {shipped} "
+                             f"or a path to a recipe YAML")
+    raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    if not raw.get("global"):
+        raise UserInputError(f"recipe '{p}' needs a non-empty 'global' list of views")
+    local = raw.get("local")
+    return Recipe(
+        name=str(raw.get("name", p.stem)),
+        mean=tuple(float(v) for v in raw.get("mean", (0.485, 0.456, 0.406))),
+        std=tuple(float(v) for v in raw.get("std", (0.229, 0.224, 0.225))),
+        global_views=[_parse_spec(g, f"{p}: global[{i}]") for i, g in enumerate(raw["global"])],
+        local_view=_parse_spec(local, f"{p}: local") if local else None,
+        local_count=int(local.get("count", 0)) if local else 0,
+    )
+
+
+class TorchvisionAugmenter:
+    """Per-image torchvision v2 transforms; randomness comes from torch's global RNG,
+    which the trainer seeds per step so a resumed run draws the same augmentations."""
+
+    backend = "torchvision"
+
+    def __init__(self, recipe: Recipe, image_size: int):
+        self.recipe = recipe
+        self.image_size = image_size
+        self._cache: dict[str, object] = {}
+
+    def transform(self, kind: str):
+        if kind not in self._cache:
+            self._cache[kind] = build_torchvision_transform(self.recipe, kind, self.image_size)
+        return self._cache[kind]
+
+    def apply(self, kind: str, images: Sequence[np.ndarray]) -> torch.Tensor:
+        t = self.transform(kind)
+        return torch.stack([t(_to_chw_tensor(im)) for im in images])
+
+
+def _to_chw_tensor(image) -> torch.Tensor:
+    if isinstance(image, torch.Tensor):
+        return image if image.shape[0] == 3 else image.permute(2, 0, 1).contiguous()
+    arr = np.asarray(image)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    if not arr.flags.writeable or not arr.flags.c_contiguous:  # torch wants its own writable copy
+        arr = np.array(arr, order="C")
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def build_torchvision_transform(recipe: Recipe, kind: str, image_size: int):
+    from torchvision.transforms import v2
+
+    tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(recipe.mean), list(recipe.std))]
+    spec = recipe.spec(kind)
+    if spec is None:
+        return v2.Compose([v2.Resize((image_size, image_size), antialias=True), *tail])
+    side = spec.side(image_size)
+    ops = [
+        v2.RandomResizedCrop(side, scale=spec.scale, ratio=spec.ratio, antialias=True),
+        v2.RandomHorizontalFlip(spec.flip),
+    ]
+    if spec.jitter_prob > 0:
+        ops.append(v2.RandomApply([v2.ColorJitter(spec.brightness, spec.contrast, spec.saturation,
+                                                  spec.hue)], p=spec.jitter_prob))
+    if spec.grayscale > 0:
+        ops.append(v2.RandomGrayscale(spec.grayscale))
+    if spec.blur_prob > 0:
+        ops.append(v2.RandomApply([v2.GaussianBlur(spec.blur_kernel(image_size),
+                                                   sigma=spec.sigma_range(image_size))], p=spec.blur_prob))
+    if spec.solarize > 0:
+        ops.append(v2.RandomSolarize(threshold=128, p=spec.solarize))
+    return v2.Compose([*ops, *tail])
+
+
+def build_augmenter(cfg_augment, image_size: int, seed: int = 0, max_batch: int = 256):
+    """The augmenter for `augment.backend`; DALI is imported only when asked for."""
+    recipe = load_recipe(cfg_augment.recipe)
+    if cfg_augment.backend == "torchvision":
+        return TorchvisionAugmenter(recipe, image_size)
+    if cfg_augment.backend == "dali":
+        from sasi_online.data.dali_pipeline import DaliAugmenter
+
+        return DaliAugmenter(recipe, image_size, seed=seed, max_batch=max_batch)
+    raise UserInputError(f"augment.backend '{cfg_augment.backend}' is not one of torchvision, dali")
+
+
+def recipe_as_dict(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)

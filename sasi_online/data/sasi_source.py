@@ -1,0 +1,123 @@
+"""Where the trainer gets SASI from: the one hook between pairing and generation.
+
+`SasiSource.get(indices, rng)` returns one `SasiHit` per image index. Offline training
+reads a SASI store (`StoreSource`); an online ring source implements the same interface.
+Outcomes are counted so the trainer can log hit rates:
+  hit      a usable SASI was returned
+  fishy    every variant of the image is flagged by the filter: the real image stands in
+  missing  the image has no SASI at all: the pair falls back to a second real view
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Optional, Protocol
+
+import numpy as np
+
+HIT, FISHY, MISSING = "hit", "fishy", "missing"
+
+
+@dataclass
+class SasiHit:
+    image: Any  # uint8 HWC np.ndarray | CHW uint8 tensor | None
+    outcome: str  # hit | fishy | missing
+    variant: Optional[int] = None
+
+
+class SasiSource(Protocol):
+    counts: Counter
+
+    def get(self, indices: list[int], rng: np.random.Generator) -> list[SasiHit]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def _variant_id(record: Any) -> int:
+    if isinstance(record, int):
+        return record
+    if isinstance(record, dict):
+        return int(record["variant"])
+    return int(getattr(record, "variant"))
+
+
+def _record_field(record: Any, name: str, default=None):
+    if isinstance(record, dict):
+        return record.get(name, default)
+    return getattr(record, name, default)
+
+
+class StoreSource:
+    """A random non-fishy variant of each image from a SASI store.
+
+    `vp_kind` restricts the variants (e.g. 'noise' for the `direct` pair mode, whose SASI
+    come from the caption alone).
+    """
+
+    def __init__(self, store: Any, vp_kind: Optional[str] = None):
+        self.store = store
+        self.vp_kind = vp_kind
+        self.counts: Counter = Counter()
+
+    def _usable_variants(self, index: int) -> tuple[list[int], int]:
+        records = list(self.store.variants(index))
+        if self.vp_kind is not None:
+            records = [r for r in records if _record_field(r, "vp_kind", self.vp_kind) == self.vp_kind]
+        ids = [_variant_id(r) for r in records]
+        return [v for v in ids if not self.store.is_fishy(index, v)], len(ids)
+
+    def get(self, indices: list[int], rng: np.random.Generator) -> list[SasiHit]:
+        hits = []
+        for index in indices:
+            usable, total = self._usable_variants(int(index))
+            if not usable:
+                hit = SasiHit(None, FISHY if total else MISSING)
+            else:
+                variant = usable[int(rng.integers(len(usable)))]
+                image = self.store.get(int(index), variant)
+                hit = SasiHit(None, MISSING) if image is None else SasiHit(
+                    np.asarray(image.convert("RGB")), HIT, variant)
+            self.counts[hit.outcome] += 1
+            hits.append(hit)
+        return hits
+
+    def state_dict(self) -> dict:
+        # The store itself is on disk; only the counters belong to the run.
+        return {"counts": dict(self.counts)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.counts = Counter(state.get("counts", {}))
+
+
+class ArraySource:
+    """SASI held in memory, {image index: [HWC uint8 arrays]} with optional fishy flags.
+
+    For tests and small experiments; behaves like `StoreSource`.
+    """
+
+    def __init__(self, images: dict[int, list[np.ndarray]], fishy: Optional[set] = None):
+        self.images = images
+        self.fishy = fishy or set()
+        self.counts: Counter = Counter()
+
+    def get(self, indices: list[int], rng: np.random.Generator) -> list[SasiHit]:
+        hits = []
+        for index in indices:
+            variants = self.images.get(int(index), [])
+            usable = [v for v in range(len(variants)) if (int(index), v) not in self.fishy]
+            if usable:
+                v = usable[int(rng.integers(len(usable)))]
+                hit = SasiHit(variants[v], HIT, v)
+            else:
+                hit = SasiHit(None, FISHY if variants else MISSING)
+            self.counts[hit.outcome] += 1
+            hits.append(hit)
+        return hits
+
+    def state_dict(self) -> dict:
+        return {"counts": dict(self.counts)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.counts = Counter(state.get("counts", {}))

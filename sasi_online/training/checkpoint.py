@@ -1,0 +1,156 @@
+"""Checkpoints that resume exactly, loaded without unpickling arbitrary objects.
+
+DeepSpeed writes model, optimizer (ZeRO partitions included) and scheduler state; its
+own loader calls `torch.load(weights_only=False)`, so the engine's checkpoint engine is
+wrapped to load with `weights_only=True` (a few DeepSpeed enums are allow-listed).
+Beside them each tag folder holds `meta.json` (step, config hash — checked before any
+state is touched) and one `rng_rank{r}.pt` per trainer (python/numpy/torch RNG states).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from sasi_online.errors import UserInputError
+from sasi_online.utils import atomic_write_json
+
+# Keys that may change between a run and its resume without changing what is trained.
+_VOLATILE = {("train", k) for k in ("steps", "out", "log_every", "ckpt_every", "knn_every", "resume",
+                                    "num_workers")}
+KEEP_LAST = 2
+
+
+class CheckpointMismatchError(UserInputError):
+    """A checkpoint written by a run with another config."""
+
+
+def config_hash(cfg) -> str:
+    d = cfg.to_dict()
+    for section, key in _VOLATILE:
+        d.get(section, {}).pop(key, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _safe_globals() -> list:
+    """DeepSpeed classes its ZeRO checkpoints name (plain state holders, no code on load)."""
+    import importlib
+
+    out = []
+    for module, name in (("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+                         ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+                         ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+                         ("deepspeed.utils.tensor_fragment", "fragment_address")):
+        try:
+            out.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):  # pragma: no cover - other DeepSpeed versions
+            pass
+    return out
+
+
+class SafeCheckpointEngine:
+    """Delegates to DeepSpeed's checkpoint engine; loads with `weights_only=True`."""
+
+    def __init__(self, inner: Any):
+        self._inner = inner
+
+    def load(self, path: str, map_location=None):
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def tag_of(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def _rng_state() -> dict:
+    py = random.getstate()
+    np_state = np.random.get_state()
+    return {"python": [py[0], list(py[1]), py[2]],
+            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+            "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(state["torch"])
+
+
+def save(engine, ckpt_dir: Path, step: int, cfg, client_state: dict, trainer_rank: int, group) -> None:
+    """Collective over the trainer group (DeepSpeed's save is)."""
+    tag = tag_of(step)
+    folder = ckpt_dir / tag
+    if trainer_rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+    if dist.is_initialized():
+        dist.barrier(group=group)
+    torch.save(_rng_state(), folder / f".rng_rank{trainer_rank}.tmp")
+    (folder / f".rng_rank{trainer_rank}.tmp").replace(folder / f"rng_rank{trainer_rank}.pt")
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
+    if dist.is_initialized():
+        dist.barrier(group=group)
+    if trainer_rank == 0:
+        # meta.json last: a tag folder without it is incomplete and never resumed from
+        atomic_write_json(folder / "meta.json", {"step": step, "config_hash": config_hash(cfg)})
+        atomic_write_json(ckpt_dir / "latest.json", {"tag": tag, "step": step})
+        tags = sorted(p for p in ckpt_dir.glob("step_*") if (p / "meta.json").is_file())
+        for old in tags[:-KEEP_LAST]:
+            shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier(group=group)
+
+
+def latest(ckpt_dir: Path) -> Optional[tuple[str, dict]]:
+    p = ckpt_dir / "latest.json"
+    if not p.is_file():
+        return None
+    tag = json.loads(p.read_text())["tag"]
+    meta_path = ckpt_dir / tag / "meta.json"
+    if not meta_path.is_file():
+        return None
+    return tag, json.loads(meta_path.read_text())
+
+
+def check_config(ckpt_dir: Path, cfg) -> None:
+    """Refuse a checkpoint written with another config (cheap: reads meta.json only)."""
+    found = latest(ckpt_dir)
+    if found is None:
+        return
+    tag, meta = found
+    want = config_hash(cfg)
+    if meta["config_hash"] != want:
+        raise CheckpointMismatchError(
+            f"the checkpoint '{ckpt_dir / tag}' was written with another config (hash "
+            f"{meta['config_hash']}, this config {want}). Use the same config and overrides to "
+            f"resume, or a new train.out folder (or train.resume=false) to start afresh")
+
+
+def load(engine, ckpt_dir: Path, cfg, trainer_rank: int) -> Optional[dict]:
+    """Resume from the latest complete checkpoint; None if there is none."""
+    found = latest(ckpt_dir)
+    if found is None:
+        return None
+    tag, _ = found
+    check_config(ckpt_dir, cfg)
+    _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=True,
+                                       load_optimizer_states=True, load_lr_scheduler_states=True)
+    if client is None:
+        raise UserInputError(f"checkpoint '{ckpt_dir / tag}' could not be read; delete it to "
+                             f"fall back to the one before")
+    rng_file = ckpt_dir / tag / f"rng_rank{trainer_rank}.pt"
+    if rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=True))
+    return client
