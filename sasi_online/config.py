@@ -62,6 +62,10 @@ class SemanticsConfig:
     batch_size: int = 16
     variants: int = 1  # semantic augmentation: rewrites per image
     seed: int = 0
+    do_sample: bool = False  # rewriter: sample (temperature, top_p) instead of greedy
+    temperature: float = 0.7
+    top_p: float = 0.9
+    caption_cache: Optional[str] = None  # JSONL file: each (image, SEP, model) captioned once
 
 
 @dataclass
