@@ -25,8 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="output folder")
     parser.add_argument("--models", default="tiny-zoo",
                         help="model set root; built here with `sasi zoo build` when missing")
-    parser.add_argument("--images", type=int, default=400, help="images that get SASI offline")
-    parser.add_argument("--steps", type=int, default=80, help="training steps per run")
+    parser.add_argument("--images", type=int, default=256, help="images that get SASI offline")
+    parser.add_argument("--steps", type=int, default=60, help="training steps per run")
     parser.add_argument("--vp-kind", default="mix", choices=["image", "mask", "mix", "noise"],
                         help="visual prompt kind (the paper's best is mix)")
     parser.add_argument("--skip-online", action="store_true", help="leave out the online run")
