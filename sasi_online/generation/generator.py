@@ -7,6 +7,7 @@ separate sub-batches automatically.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import defaultdict
@@ -95,23 +96,44 @@ class SASIGenerator:
         self.attention: Optional[str] = None  # which attention kernel runs, and why (after a family loads)
         self._families: dict[str, Family] = {}
         self._backends: dict[str, Callable] = {}
+        self._resets: dict[str, Callable] = {}  # stateful backends (DeepCache) start each batch afresh
 
     @classmethod
     def from_config(cls, models_cfg: Any, gen_cfg: Any, **kw: Any) -> "SASIGenerator":
         """Families load lazily, on the first image that needs them, from local folders only."""
         return cls(models_cfg, gen_cfg, **kw)
 
+    def with_settings(self, **overrides: Any) -> "SASIGenerator":
+        """A generator with some `generation.*` settings changed that shares this one's
+        loaded models (speed sweeps, A/B checks): families are not loaded again; each gets
+        a backend built for the new settings. The modules are shared, so settings that
+        change them in place (`attention`) apply to both generators."""
+        try:
+            cfg = dataclasses.replace(self.cfg, **overrides)
+        except TypeError as exc:
+            raise UserInputError(f"with_settings({', '.join(overrides)}): {exc}; use field names of "
+                                 f"the generation config") from None
+        other = type(self)(self.models_cfg, cfg, backend_hook=self.backend_hook)
+        if (other.device, other.dtype) == (self.device, self.dtype):
+            for name, fam in self._families.items():
+                other._adopt(name, fam)
+        return other
+
     # ------------------------------------------------------------------ families
     def family(self, name: str) -> Family:
         if name not in self._families:
-            fam = load_family(name, self.models_cfg, self.device, self.dtype)
-            self._check_resolution(fam)
-            self.attention = apply_attention(self.cfg, fam.unet)
-            fam.on_controlnet_load = lambda cn: apply_attention(self.cfg, cn)
-            backend = build_backend(self.cfg, fam)
-            self._backends[name] = self.backend_hook(backend) if self.backend_hook else backend
-            self._families[name] = fam
+            self._adopt(name, load_family(name, self.models_cfg, self.device, self.dtype))
         return self._families[name]
+
+    def _adopt(self, name: str, fam: Family) -> None:
+        """Check a loaded family against the settings and build its UNet backend."""
+        self._check_resolution(fam)
+        self.attention = apply_attention(self.cfg, fam.unet)
+        fam.on_controlnet_load = lambda cn: apply_attention(self.cfg, cn)
+        backend = build_backend(self.cfg, fam)
+        self._resets[name] = getattr(backend, "reset", None)
+        self._backends[name] = self.backend_hook(backend) if self.backend_hook else backend
+        self._families[name] = fam
 
     def family_for(self, kind: str) -> str:
         return family_for(kind, self.cfg.family)
@@ -209,10 +231,15 @@ class SASIGenerator:
         t2 = time.perf_counter()
 
         extra = loop.step_kwargs(scheduler, gens)
+        if self._resets.get(fam_name):
+            # DeepCache guesses a new run from a rising timestep; a one-step schedule repeats
+            # the same t, so say it outright: no deep features cross from another batch
+            self._resets[fam_name]()
+        fused = getattr(cfg, "fused_step", True)
         for t in timesteps:
             latents = loop.denoise_step(backend, scheduler, latents, t, text, cfg.guidance, extra,
                                         controlnet=controlnet, control=control,
-                                        control_scale=cfg.controlnet_scale)
+                                        control_scale=cfg.controlnet_scale, fused=fused)
         t3 = time.perf_counter()
 
         ok = torch.isfinite(latents).flatten(1).all(1)

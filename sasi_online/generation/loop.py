@@ -66,9 +66,39 @@ def step_kwargs(scheduler: Any, generators: list) -> dict:
     return kw
 
 
+def fused_step_problem(scheduler: Any) -> Optional[str]:
+    """Why `scheduler` cannot take the fused CFG + step kernel, or None when it can.
+
+    The kernel implements DDPM and DDIM only (fixed variances, no dynamic thresholding);
+    multistep solvers keep history and always run their own `step`.
+    """
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    if not isinstance(scheduler, (DDPMScheduler, DDIMScheduler)):
+        return f"{type(scheduler).__name__} is not DDPM/DDIM"
+    cfg = scheduler.config
+    if getattr(cfg, "thresholding", False):
+        return "dynamic thresholding needs a per-sample quantile"
+    if isinstance(scheduler, DDPMScheduler) and cfg.variance_type not in (
+            "fixed_small", "fixed_small_log", "fixed_large"):
+        return f"variance_type={cfg.variance_type!r} needs the model's variance channels"
+    return None
+
+
 def guided_step(scheduler: Any, noise_pred: torch.Tensor, t: Any, latents: torch.Tensor,
-                guidance: float, extra: dict) -> torch.Tensor:
-    """Classifier-free guidance combine + one scheduler step (a fused kernel may replace this)."""
+                guidance: float, extra: dict, fused: bool = True) -> torch.Tensor:
+    """Classifier-free guidance combine + one scheduler step.
+
+    With `fused` (and a scheduler `fused_step_problem` accepts) both run as one kernel
+    (`sasi_online.kernels.guided_scheduler_step`: Triton on CUDA, its torch reference
+    elsewhere). Its DDPM noise comes from the same per-image generators with the same
+    draws as `scheduler.step`, so fused and unfused loops give the same images.
+    """
+    if fused and fused_step_problem(scheduler) is None:
+        from sasi_online.kernels import guided_scheduler_step
+
+        return guided_scheduler_step(scheduler, noise_pred, t, latents, guidance,
+                                     generator=extra.get("generator"), eta=extra.get("eta", 0.0))
     if noise_pred.shape[0] == 2 * latents.shape[0]:
         uncond, cond = noise_pred.chunk(2)
         noise_pred = uncond + guidance * (cond - uncond)
@@ -78,7 +108,7 @@ def guided_step(scheduler: Any, noise_pred: torch.Tensor, t: Any, latents: torch
 def denoise_step(backend: Callable[..., torch.Tensor], scheduler: Any, latents: torch.Tensor, t: Any,
                  text_states: torch.Tensor, guidance: float, extra: dict,
                  controlnet: Any = None, control: Optional[torch.Tensor] = None,
-                 control_scale: float = 1.0) -> torch.Tensor:
+                 control_scale: float = 1.0, fused: bool = True) -> torch.Tensor:
     """One sampler step for a batch: UNet (+ ControlNet residuals) → `guided_step`."""
     cfg = text_states.shape[0] == 2 * latents.shape[0]
     model_in = torch.cat([latents] * 2) if cfg else latents
@@ -92,7 +122,7 @@ def denoise_step(backend: Callable[..., torch.Tensor], scheduler: Any, latents: 
             down, mid = controlnet(model_in, t, encoder_hidden_states=text_states, controlnet_cond=control,
                                    conditioning_scale=control_scale, guess_mode=False, return_dict=False)
         noise_pred = backend(model_in, t, text_states, down, mid)
-    return guided_step(scheduler, noise_pred, t, latents, guidance, extra)
+    return guided_step(scheduler, noise_pred, t, latents, guidance, extra, fused=fused)
 
 
 def decode(vae: Any, latents: torch.Tensor) -> torch.Tensor:
