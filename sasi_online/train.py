@@ -284,6 +284,8 @@ def _train_on_trainer(cfg, roles, stop_at, step_callback, method_factory):
     make = MicroBatches(dataset, sampler, builder, t.seed, rank)
     if online is not None and source is not None:
         make = online.micro_batches(dataset, sampler, builder, t.seed, rank)
+    if online is not None:
+        online.wait_for_start(start * t.grad_accum)  # producers load models; not a step's wait
     ga = t.grad_accum
     last = t.steps if stop_at is None else min(stop_at, t.steps)
     batches = _iterate(make, start * ga, last * ga, t.num_workers)

@@ -138,10 +138,11 @@ class SasiReceiver:
         self.device = device
         self.rank = dist.get_rank()
         self.stopped: set[int] = set()
-        self.received = 0
+        self.received = 0  # SASI
+        self.messages = {p: 0 for p in producer_ranks}  # messages taken per producer (STOP included)
         # NCCL completes p2p on its own stream, where polling the buffer is unsafe but
         # is_completed() works; on gloo it is the other way round.
-        self._nccl = dist.get_backend(group) == "nccl" 
+        self._nccl = dist.get_backend(group) == "nccl"
         # Posted in order; gloo and NCCL deliver messages between one pair in send order.
         self.posted: dict[int, list[tuple[Any, torch.Tensor]]] = {p: [] for p in self.producers}
         for p in self.producers:
@@ -171,6 +172,7 @@ class SasiReceiver:
                     break  # not arrived yet; later buffers cannot have arrived either
                 work.wait()  # exactly once: the data is in (or finishing)
                 queue.pop(0)
+                self.messages[p] += 1
                 kind, n = int(head[0]), int(head[1])
                 self.store.add(_credit_key(p, self.rank), 1)
                 if kind == KIND_STOP:

@@ -1,0 +1,88 @@
+"""Producer ↔ trainer coordination through the job's c10d key-value store.
+
+Small control messages travel beside the SASI tensors, never inside collectives, so a
+producer busy with a long generation batch never stalls a trainer step:
+
+- `step`      trainers' current micro-step (first trainer publishes it; look-ahead reads it);
+- saves       the first trainer announces checkpoint k at step N; each producer writes its own
+              state into the tag folder, stops sending, and reports how many messages it sent
+              to each trainer; trainers receive exactly those, save, and mark k done; the
+              producer then resumes. The checkpoint is a quiet point: every SASI generated
+              before it is in a ring, a backlog or a producer's outbox — never in flight;
+- `done`      each trainer reports the end of its steps; producers send STOP and finish;
+- stats       each producer publishes its counters (SASI made, failures, busy time) as JSON.
+
+Counters use `store.add(key, 0)`, which never blocks (a missing key reads as 0).
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+_P = "sasi_online"
+
+
+class Coordination:
+    def __init__(self, store: Any, num_trainers: int, poll_s: float = 0.002):
+        self.store = store
+        self.num_trainers = num_trainers
+        self.poll_s = poll_s
+        self._published_step = 0
+
+    # ------------------------------------------------------------------ step
+    def publish_step(self, step: int) -> None:
+        """Trainer 0: the micro-step now being trained (kept as a counter: add the delta)."""
+        if step != self._published_step:
+            self.store.add(f"{_P}/step", step - self._published_step)
+            self._published_step = step
+
+    def trainer_step(self) -> int:
+        return int(self.store.add(f"{_P}/step", 0))
+
+    # ------------------------------------------------------------------ saves
+    def request_save(self, step: int) -> int:
+        """Trainer 0: announce a checkpoint at `step`; returns its sequence number k (1, 2, ...)."""
+        k = int(self.store.add(f"{_P}/saves_announced", 0)) + 1
+        self.store.set(f"{_P}/save/{k}/step", str(step))
+        self.store.add(f"{_P}/saves_announced", 1)
+        return k
+
+    def saves_requested(self) -> int:
+        return int(self.store.add(f"{_P}/saves_announced", 0))
+
+    def save_step(self, k: int) -> int:
+        return int(self.store.get(f"{_P}/save/{k}/step"))
+
+    def report_sent(self, k: int, producer: int, sent: dict[int, int]) -> None:
+        """Producer: state written, sending paused; messages sent to each trainer so far."""
+        self.store.set(f"{_P}/save/{k}/sent/{producer}", json.dumps({str(t): n for t, n in sent.items()}))
+
+    def sent_by(self, k: int, producer: int) -> dict[int, int]:
+        """Trainer: waits (store.get blocks) until `producer` has reported for save k."""
+        return {int(t): n for t, n in json.loads(self.store.get(f"{_P}/save/{k}/sent/{producer}")).items()}
+
+    def mark_saved(self, k: int) -> None:
+        self.store.add(f"{_P}/save/{k}/done", 1)
+
+    def wait_saved(self, k: int, should_stop=lambda: False) -> None:
+        """Producer: wait until the first trainer finished checkpoint k."""
+        while int(self.store.add(f"{_P}/save/{k}/done", 0)) < 1 and not should_stop():
+            time.sleep(self.poll_s)
+
+    # ------------------------------------------------------------------ end
+    def trainer_finished(self) -> None:
+        self.store.add(f"{_P}/trainers_done", 1)
+
+    def trainers_done(self) -> bool:
+        return int(self.store.add(f"{_P}/trainers_done", 0)) >= self.num_trainers
+
+    # ------------------------------------------------------------------ producer stats
+    def publish_stats(self, producer: int, stats: dict) -> None:
+        self.store.set(f"{_P}/producer/{producer}/stats", json.dumps(stats))
+
+    def producer_stats(self, producer: int) -> dict:
+        key = f"{_P}/producer/{producer}/stats"
+        if not self.store.check([key]):
+            return {}
+        return json.loads(self.store.get(key))

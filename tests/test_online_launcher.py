@@ -1,0 +1,118 @@
+"""Generation in the loop through the deepspeed launcher: 1 producer + 2 trainers on the CPU.
+
+One module-scoped run (ZeRO-1, a producer batch that fails on purpose), then its resume,
+then a run whose producer loop dies mid-run. Checked from what the runs leave on disk:
+online_summary.json, metrics.jsonl, the per-rank ring and producer states of each checkpoint.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BATCH = 8  # per trainer
+COMMON = ["train.batch_size=8", "train.log_every=2", "train.knn_every=1000", "train.knn_bank=100",
+          "train.knn_test=100", "train.zero_stage=1", "generation.text=class_name", "generation.steps=2",
+          "generation.batch_size=8", "online.lookahead=6", "online.start_sasi=8", "online.max_age=50"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(zoo, out, *overrides, timeout=240):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
+    shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    cmd = ["deepspeed", "--num_gpus", "3", "--master_port", str(_free_port()), "sasi_online/train.py",
+           "--config", "configs/online_tiny.yaml", f"models.root={zoo}", f"train.out={out}", *COMMON, *overrides]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its three ranks
+        log, _ = proc.communicate()
+    finally:  # only what DeepSpeed left during this run (its shm op is disabled by the trainer)
+        for leftover in set(os.listdir("/dev/shm")) - shm_before if os.path.isdir("/dev/shm") else []:
+            if "deepspeed" in leftover.lower():
+                try:
+                    os.unlink(os.path.join("/dev/shm", leftover))
+                except OSError:
+                    pass
+    assert proc.returncode == 0, log[-4000:]
+    return log
+
+
+def _ckpt(out, step, name):
+    return torch.load(Path(out) / "checkpoints" / f"step_{step:07d}" / name, weights_only=True)
+
+
+def _check_accounting(out, step, micro_steps):
+    """A checkpoint is a quiet point: SASI made = SASI received by trainers + producer outbox,
+    every sample counted in exactly one pairing outcome, no (index, variant) twice."""
+    producer = _ckpt(out, step, "producer_rank2.pt")
+    rings = [_ckpt(out, step, f"ring_rank{r}.pt") for r in (0, 1)]
+    outbox = sum(len(m["indices"]) for msgs in producer["outbox"].values() for m in msgs)
+    received = sum(r["counts"].get("received", 0) for r in rings)
+    assert producer["counts"]["generated"] == received + outbox
+    for r in rings:
+        assert sum(r["source_counts"].values()) == micro_steps * BATCH
+    keys = [(int(i), int(v)) for r in rings for i, v in zip(r["ring"]["index"], r["ring"]["variant"]) if i >= 0]
+    assert len(keys) == len(set(keys))
+    return producer, rings
+
+
+# Producer batch 0 fails (caught, skipped); after 10 batches the producer loop itself raises:
+# the producer stops mid-run, and the trainers finish, checkpoint and end on pool draws and
+# classic views. The resumed launch runs the same config (same faults) from step 8.
+FAULTS = ["online.fault_batch=0", "online.fault_loop_after=10"]
+
+
+@pytest.fixture(scope="module")
+def first_run(tiny_zoo, tmp_path_factory):
+    out = tmp_path_factory.mktemp("online") / "run"
+    log = _launch(tiny_zoo, out, "train.steps=8", "train.ckpt_every=4", *FAULTS)
+    return out, log
+
+
+def test_three_rank_run_hits_the_ring_and_trainers_agree(first_run):
+    out, _ = first_run
+    summary = json.loads((out / "online_summary.json").read_text())
+    assert summary["outcomes"]["ring_hit"] > 0
+    assert sum(summary["outcomes"].values()) == 8 * 2 * BATCH
+    assert summary["replica_max_abs_diff"] <= 1e-6
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "online/ring_fill" in r]
+    assert [r["step"] for r in logged] == [2, 4, 6, 8]
+    assert max(r["online/ring_fill"] for r in logged) > 0 and logged[-1]["online/sasi_received"] > 0
+    for png in ("online_ring.png", "online_throughput.png"):
+        assert (out / png).stat().st_size > 1000
+    for step in (4, 8):
+        _check_accounting(out, step, step)
+
+
+def test_producer_faults_are_survived(first_run):
+    out, log = first_run
+    producer = json.loads((out / "online_summary.json").read_text())["producers"][0]
+    assert producer["failed_batches"] == 1  # batch 0 raised inside generation: skipped
+    assert producer["generated"] == 9 * 8  # the nine batches after it made their SASI
+    assert producer["stopped"] == 1 and "fault_loop_after" in producer["error"]
+    assert "STOPPED producing" in log
+    assert (out / "checkpoints" / "step_0000008" / "meta.json").is_file()  # saved after the producer died
+
+
+def test_resume_continues_ring_and_accounting(tiny_zoo, first_run):
+    out, _ = first_run
+    before, _ = _check_accounting(out, 8, 8)
+    _launch(tiny_zoo, out, "train.steps=12", "train.ckpt_every=4", *FAULTS)
+    after, _ = _check_accounting(out, 12, 12)  # outcome counts continued from step 8
+    assert after["counts"]["generated"] > before["counts"]["generated"]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "online/ring_fill" in r] == [2, 4, 6, 8, 10, 12]  # nothing redone

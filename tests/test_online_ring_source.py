@@ -1,0 +1,69 @@
+"""RingSource pairing order: own-image ring hit → pool draw (real image swapped) → store → fallback."""
+import numpy as np
+import torch
+
+from sasi_online.config import Config
+from sasi_online.data.augment import build_augmenter
+from sasi_online.data.datasets import build_dataset
+from sasi_online.data.pairs import PairBuilder
+from sasi_online.data.sampler import StepSampler
+from sasi_online.data.sasi_source import HIT, MISSING, ArraySource
+from sasi_online.online.ring import RingPool
+from sasi_online.online.ring_source import FALLBACK, POOL_DRAW, RING_HIT, STORE, OnlineMicroBatches, RingSource
+
+SHAPE = (8, 8, 3)
+
+
+def _img(value):
+    return torch.full(SHAPE, value, dtype=torch.uint8)
+
+
+def test_pairing_order_and_counts():
+    ring = RingPool(4, SHAPE, max_reuse=1, max_age=100)
+    ring.put(5, 0, _img(50), step=0)
+    ring.put(7, 3, _img(70), step=0)
+    store = ArraySource({8: [np.full(SHAPE, 80, np.uint8)]})
+    source = RingSource(ring, store_source=store)
+    source.step = 1
+    rng = np.random.default_rng(0)
+    reals, hits = source.resolve([5, 6, 8], rng)
+    assert hits[0].outcome == HIT and int(hits[0].image[0, 0, 0]) == 50  # own image's SASI
+    # image 6 has none: the sample becomes (real image 7, SASI of 7)
+    assert reals == [5, 7, 8] and hits[1].variant == 3 and int(hits[1].image[0, 0, 0]) == 70
+    assert hits[2].outcome == HIT and int(hits[2].image[0, 0, 0]) == 80  # from the store
+    assert dict(source.counts) == {RING_HIT: 1, POOL_DRAW: 1, STORE: 1}
+    # both ring entries reached max_reuse=1: the same batch now falls back for 5 and 6
+    reals, hits = source.resolve([5, 6], rng)
+    assert reals == [5, 6] and [h.outcome for h in hits] == [MISSING, MISSING]
+    assert source.counts[FALLBACK] == 2
+    # get() after resolve returns that resolution (what PairBuilder calls)
+    assert source.get([5, 6], rng) == hits
+
+
+def test_ring_image_is_a_copy_not_the_slot():
+    ring = RingPool(1, SHAPE, max_reuse=1, max_age=100)
+    ring.put(1, 0, _img(10), step=0)
+    source = RingSource(ring)
+    hit = source.get([1], np.random.default_rng(0))[0]
+    ring.put(2, 0, _img(20), step=1)  # the used slot is overwritten by the next arrival
+    assert int(hit.image[0, 0, 0]) == 10
+
+
+def test_micro_batch_uses_the_real_image_of_a_drawn_sasi():
+    cfg = Config()
+    cfg.data.image_size = 16
+    ds = build_dataset(cfg.data, "train")
+    sampler = StepSampler(len(ds), 4, seed=0)
+    own = sampler.indices(0, 0)
+    other = next(i for i in range(len(ds)) if i not in own)
+    ring = RingPool(2, SHAPE, max_reuse=4, max_age=100)
+    ring.put(own[0], 0, _img(90), step=0)
+    ring.put(other, 0, _img(30), step=0)
+    source = RingSource(ring)
+    augmenter = build_augmenter(cfg.augment, 16)
+    builder = PairBuilder("sasi_no_aug", augmenter, source)
+    batch = OnlineMicroBatches(ds, sampler, builder, seed=0, trainer_rank=0, source=source)(0)
+    assert batch.origins[1] == ["s", "s", "x", "x"]  # own hit, one draw, two classic fallbacks
+    plain = augmenter.apply("plain", [np.asarray(ds[i].image) for i in (own[0], other)])
+    torch.testing.assert_close(batch.views[0][:2], plain)  # the draw brought its own real image
+    assert source.counts[RING_HIT] == 1 and source.counts[POOL_DRAW] == 1
