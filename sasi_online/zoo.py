@@ -447,10 +447,12 @@ def _train_llama(model, tokenizer, steps: int, gen) -> None:
     memo: dict = {}
     for step in range(steps):
         ids, n_prompt = [], []
+        # one example count per batch: padding to the longest prompt would otherwise make
+        # nearly every batch as long as a 5-example prompt
+        k = int(rng.choice(_LLAMA_K, p=_LLAMA_P))
         for _ in range(batch):
             mode = "expansion" if rng.random() < 0.2 else "rewrite"
             cap, rw, ex = fashion[int(rng.integers(len(fashion)))]
-            k = int(rng.choice(_LLAMA_K, p=_LLAMA_P))
             key = (cap, mode) if k == 0 else None  # example-free prompts repeat: tokenize once
             if key in memo:
                 p_ids, t_ids = memo[key]

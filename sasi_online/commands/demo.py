@@ -9,8 +9,9 @@ command resumes on its own), so an interrupted demo continues where it stopped.
   3. generate   offline SASI store for the first images; grid.png, timing.json
   4. filter     CLIP similarity to the real image, fishy flags, histogram
   5. train      the same short MoCo-v2 run twice: base pairs, then (real, SASI) pairs
-  6. eval       kNN, linear probe, semi-supervised, t-SNE; a side-by-side report
-  7. online     one producer + one trainer in one launch (`--skip-online` to leave out)
+  6. online     the same run with SASI generated in the loop: one producer rank and one
+                trainer rank in one deepspeed launch (`--skip-online` leaves it out)
+  7. eval       kNN, linear probe, semi-supervised, t-SNE; a side-by-side report
 Then SUMMARY.md links every picture and table.
 """
 from __future__ import annotations
@@ -30,7 +31,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vp-kind", default="mix", choices=["image", "mask", "mix", "noise"],
                         help="visual prompt kind (the paper's best is mix)")
     parser.add_argument("--skip-online", action="store_true", help="leave out the online run")
-    parser.add_argument("--online-steps", type=int, default=120, help="training steps of the online run")
 
 
 def _sasi(*argv: str) -> None:
@@ -42,12 +42,13 @@ def _sasi(*argv: str) -> None:
         raise SystemExit(f"sasi demo: step `sasi {' '.join(argv)}` failed with exit code {code}")
 
 
-def _online(out: Path, models: str, steps: int) -> dict:
+def _online(out: Path, models: str, steps: int, vp_kind: str) -> dict:
     """One producer and one trainer in one launch, through the deepspeed launcher."""
     from sasi_online.commands._launch import launch_train
 
     return launch_train("configs/online_tiny.yaml", ranks=2, overrides=[
-        f"models.root={models}", f"train.out={out}", f"train.steps={steps}"])
+        f"models.root={models}", f"train.out={out}", f"train.steps={steps}", f"visual.kind={vp_kind}",
+        f"train.ckpt_every={steps}", f"train.knn_every={steps}"])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,13 +79,16 @@ def run(args: argparse.Namespace) -> int:
         step(f"train_{name}", lambda n=name, e=extra: _sasi(
             "train", "--config", "configs/tiny_cpu.yaml", f"train.out={out / n}", f"train.steps={args.steps}",
             f"models.root={models}", *e))
-    step("eval", lambda: _sasi("eval", str(out / "base" / "checkpoints"), str(out / "sasi" / "checkpoints"), "--names", "base", "w/ SASI",
-                               "--out", str(out / "compare")))
     online = None
-    if not args.skip_online and Path("configs/online_tiny.yaml").exists():
+    names = ["base", "w/ SASI (offline)"]
+    if not args.skip_online:
         t0 = time.perf_counter()
-        online = _online(out / "online", models, args.online_steps)
+        online = _online(out / "online", models, args.steps, args.vp_kind)
         times["online"] = round(time.perf_counter() - t0, 1)
+        runs["online"] = []
+        names.append("w/ SASI (online)")
+    step("eval", lambda: _sasi("eval", *[str(out / n / "checkpoints") for n in runs], "--names", *names,
+                               "--out", str(out / "compare")))
     times["total"] = round(time.perf_counter() - t_all, 1)
     _write_summary(out, store, times, online)
     print(f"\nsasi demo: done in {times['total']:.0f} s -> {out / 'SUMMARY.md'}")
@@ -106,7 +110,8 @@ def _write_summary(out: Path, store: Path, times: dict, online: dict | None) -> 
         ("Captions, rewrites and visual prompts", out / "semantics" / "grid.png"),
         ("Real | visual prompt | SASI", store / "grid.png"),
         ("CLIP similarity of each SASI to its real image", store / "similarity_hist.png"),
-        ("Base vs w/ SASI", out / "compare" / "report.png"),
+        ("Base vs w/ SASI, offline and online", out / "compare" / "report.png"),
+        ("t-SNE of the test features", out / "compare" / "report_tsne.png"),
     ]
     for title, path in pictures:
         if path.exists():
