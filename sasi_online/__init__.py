@@ -12,3 +12,9 @@ if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "kernels")) and 
     _os.path.join(_top, "kernels", "__init__.py")
 ):
     __path__.append(_top)  # type: ignore[name-defined]
+
+import logging as _logging
+
+# bitsandbytes (imported by diffusers) warns at every start that the optional `kernels`
+# package is missing; only its 4-bit CPU kernels need it, and nothing here uses them.
+_logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)

@@ -68,13 +68,13 @@ def validate(cfg: Config, num_trainers: int = 1) -> None:
                              "trainer process (the ring); set train.num_workers=0")
     if cfg.augment.backend not in ("torchvision", "dali"):
         raise UserInputError(f"augment.backend must be torchvision or dali, got '{cfg.augment.backend}'")
-    if cfg.method.name == "mocov2":  # the queue advances by one global batch per push
-        gb = t.batch_size * num_trainers
-        if cfg.method.queue_size % gb:
-            raise UserInputError(
-                f"method.queue_size={cfg.method.queue_size} is not a multiple of the global batch "
-                f"{gb} (train.batch_size {t.batch_size} x {num_trainers} trainers); set "
-                f"method.queue_size to a multiple of {gb}")
+    from sasi_online.ssl import METHODS
+
+    if cfg.method.name in METHODS:  # e.g. MoCo-v2's queue must hold whole global batches
+        try:
+            METHODS[cfg.method.name].validate_global_batch(cfg.method, t.batch_size * num_trainers)
+        except ValueError as exc:
+            raise UserInputError(str(exc)) from None
 
 
 def open_sasi_source(cfg: Config, dataset) -> Any:

@@ -409,6 +409,7 @@ def _two_trainer_worker(rank, init_file, world):
 def test_two_trainers_gather_shuffle_and_queue_like_one_process(tmp_path):
     import torch.multiprocessing as mp
 
-    # fork: the children inherit the imported modules (spawn re-imports torch: ~10x slower).
+    # spawn, not fork: a child forked after earlier tests started gloo or OpenMP threads can
+    # deadlock (seen when this file ran after the trainer tests).
     mp.start_processes(_two_trainer_worker, args=(str(tmp_path / "init"), 2), nprocs=2, join=True,
-                       start_method="fork")
+                       start_method="spawn")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import time
 from pathlib import Path
 
@@ -110,15 +111,16 @@ def _write_summary(out: Path, store: Path, times: dict, online: dict | None) -> 
         ("Captions, rewrites and visual prompts", out / "semantics" / "grid.png"),
         ("Real | visual prompt | SASI", store / "grid.png"),
         ("CLIP similarity of each SASI to its real image", store / "similarity_hist.png"),
-        ("Base vs w/ SASI, offline and online", out / "compare" / "report.png"),
-        ("t-SNE of the test features", out / "compare" / "report_tsne.png"),
     ]
     for title, path in pictures:
         if path.exists():
             lines += [f"## {title}", "", f"![{title}]({_rel(path, out)})", ""]
     report = out / "compare" / "report.md"
     if report.exists():
-        lines += ["## Evaluation", "", report.read_text(encoding="utf-8"), ""]
+        # the report's own picture links are relative to its folder
+        text = re.sub(r"!\[([^\]]*)\]\(([^)/]+)\)", r"![\1](compare/\2)", report.read_text(encoding="utf-8"))
+        text = re.sub(r"^# .*\n", "", text).replace("\n## ", "\n### ")  # nest under this heading
+        lines += ["## Evaluation: base vs w/ SASI, offline and online", "", text.strip(), ""]
     timing = store / "timing.json"
     if timing.exists():
         lines += ["## Generation time per stage (paper Table 13)", "", "```json",

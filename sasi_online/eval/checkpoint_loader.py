@@ -18,6 +18,7 @@ import torch
 
 from sasi_online.config import Config, ConfigError, config_from_dict, load_config
 from sasi_online.errors import UserInputError
+from sasi_online.training.checkpoint import deepspeed_safe_globals
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 STATE_KEYS = ("model", "module", "state_dict")
@@ -39,15 +40,6 @@ def _latest_tag(folder: Path) -> str | None:
     if (folder / "latest").is_file():
         return (folder / "latest").read_text(encoding="utf-8").strip()
     return None
-
-
-def _deepspeed_safe_globals() -> list:
-    """DeepSpeed stores a few enums in its model-states file; allow exactly those."""
-    try:
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-    except ImportError:
-        return []
-    return [ZeroStageEnum]
 
 
 def _config_beside(file: Path) -> tuple[Config, Path] | None:
@@ -118,7 +110,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict, Config, Path]:
     file = resolve_checkpoint_file(path)
     try:
         # Importing DeepSpeed takes seconds: only its own files need its enums allowed.
-        allowed = _deepspeed_safe_globals() if file.name == MODEL_STATES else []
+        allowed = deepspeed_safe_globals() if file.name == MODEL_STATES else []
         with torch.serialization.safe_globals(allowed):
             blob = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, random bytes, a pickle with code objects ...

@@ -23,8 +23,10 @@ from sasi_online.errors import UserInputError
 from sasi_online.utils import atomic_write_json
 
 # Keys that may change between a run and its resume without changing what is trained.
+# Keys a resumed run may change: they steer logging, length or fault drills, not the model.
 _VOLATILE = {("train", k) for k in ("steps", "out", "log_every", "ckpt_every", "knn_every", "resume",
-                                    "num_workers")}
+                                    "num_workers")} | {
+    ("online", k) for k in ("fault_batch", "fault_loop_after", "plots")}
 KEEP_LAST = 2
 
 
@@ -39,7 +41,7 @@ def config_hash(cfg) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _safe_globals() -> list:
+def deepspeed_safe_globals() -> list:
     """DeepSpeed classes its ZeRO checkpoints name (plain state holders, no code on load)."""
     import importlib
 
@@ -62,7 +64,7 @@ class SafeCheckpointEngine:
         self._inner = inner
 
     def load(self, path: str, map_location=None):
-        with torch.serialization.safe_globals(_safe_globals()):
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
 
     def __getattr__(self, name):
