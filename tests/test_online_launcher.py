@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,7 @@ def _free_port() -> int:
 def _launch(zoo, out, *overrides, timeout=240):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
     shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
-    cmd = ["deepspeed", "--num_gpus", "3", "--master_port", str(_free_port()), "sasi_online/train.py",
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "3", "--master_port", str(_free_port()), "sasi_online/train.py",
            "--config", "configs/online_tiny.yaml", f"models.root={zoo}", f"train.out={out}", *COMMON, *overrides]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)

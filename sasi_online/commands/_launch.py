@@ -1,9 +1,9 @@
 """Start a multi-rank training job on this machine through the deepspeed launcher."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -21,9 +21,8 @@ def free_port() -> int:
 def launch_train(config: str, ranks: int, overrides: list[str]) -> dict:
     """`deepspeed --num_gpus RANKS sasi_online/train.py --config CONFIG ...`; returns the run's
     online_summary.json (plus the paths of its plots) when it wrote one."""
-    launcher = shutil.which("deepspeed")
-    if launcher is None:
-        raise UserInputError("the `deepspeed` launcher is not on PATH: pip install deepspeed")
+    if importlib.util.find_spec("deepspeed") is None:
+        raise UserInputError("the deepspeed launcher is not installed: pip install deepspeed")
     repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
     try:
@@ -33,7 +32,8 @@ def launch_train(config: str, ranks: int, overrides: list[str]) -> dict:
             env["DS_ACCELERATOR"] = "cpu"  # --num_gpus then counts CPU processes
     except ImportError:
         pass
-    cmd = [launcher, "--num_gpus", str(ranks), "--master_port", str(free_port()),
+    # the `deepspeed` command, run through this interpreter so that PATH does not matter
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(free_port()),
            str(repo / "sasi_online" / "train.py"), "--config", config, *overrides]
     print("$ " + " ".join(cmd), flush=True)
     code = subprocess.call(cmd, env=env, stdout=sys.stdout, stderr=sys.stderr)
