@@ -82,6 +82,7 @@ def _write(out: Path, results: dict) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from sasi_online.utils import save_figure
 
     names = list(ways)
     fig, axes = plt.subplots(1, 3, figsize=(10, 3.2))
@@ -90,8 +91,7 @@ def _write(out: Path, results: dict) -> None:
         ax.bar(names, [ways[n][key] for n in names], color=["tab:gray", "tab:blue", "tab:orange"][:len(names)])
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(out / "offline_online.png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, out / "offline_online.png")
 
 
 def main(argv=None) -> int:

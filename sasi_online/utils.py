@@ -11,7 +11,7 @@ import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -55,6 +55,31 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def chunked(items: Iterable[Any], size: int) -> Iterator[list]:
+    """Consecutive lists of `size` items (the last may be shorter), without holding the rest."""
+    batch: list = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 100) -> Path:
+    """Save a matplotlib figure as PNG atomically (temporary name, then rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
 
 
 def seed_everything(seed: int) -> None:
@@ -152,10 +177,4 @@ def save_grid(rows: list[list[Any]], path: str | Path, titles: Iterable[str] | N
             if j == 0 and i < len(row_labels):
                 ax.set_ylabel(row_labels[i], fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=96)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, dpi=96)

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from pathlib import Path
 from typing import Sequence
 
 from sasi_online.errors import UserInputError
-from sasi_online.utils import atomic_write_text
+from sasi_online.utils import atomic_write_text, save_figure
 
 
 def load_eval(path: str | Path) -> dict:
@@ -129,10 +128,7 @@ def _bar_chart(names: Sequence[str], runs: Sequence[dict], path: Path) -> None:
     ax.set_ylim(0, 105)
     ax.legend(fontsize=8, frameon=False)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=110)
 
 
 def _tsne_side_by_side(names: Sequence[str], runs: Sequence[dict], path: Path) -> bool:
@@ -157,10 +153,7 @@ def _tsne_side_by_side(names: Sequence[str], runs: Sequence[dict], path: Path) -
         ax.set_title(n, fontsize=10)
         ax.axis("off")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=110)
     return True
 
 

@@ -7,11 +7,13 @@ rerun only scores what is new and `sasi filter` can re-threshold without recompu
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
+
+from sasi_online.utils import chunked, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +46,6 @@ class ClipSimilarity:
         return (self.embed(a) * self.embed(b)).sum(-1).numpy()
 
 
-def _chunks(it: Iterator, size: int) -> Iterator[list]:
-    batch = []
-    for x in it:
-        batch.append(x)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def score_store(store: Any, dataset: Any, scorer: ClipSimilarity, batch_size: int = 32,
                 progress: bool = True, rescore: bool = False) -> int:
     """Append a CLIP similarity to every SASI record that has none yet; return how many."""
@@ -62,7 +53,7 @@ def score_store(store: Any, dataset: Any, scorer: ClipSimilarity, batch_size: in
 
     todo = [r for r in store.iter_records() if rescore or r.similarity is None]
     with tqdm(total=len(todo), desc="CLIP similarity", unit="img", disable=not progress) as bar:
-        for batch in _chunks(iter(todo), batch_size):
+        for batch in chunked(todo, batch_size):
             sasi = [store.get(r.index, r.variant) for r in batch]
             real = [dataset[r.index].image for r in batch]
             sims = scorer.cosine(real, sasi)
@@ -96,9 +87,6 @@ def flag_fishy(store: Any, threshold: float) -> dict:
 def similarity_histogram(similarities: Sequence[float], threshold: float, path: Any,
                          title: Optional[str] = None) -> Any:
     """Histogram PNG of the similarities with the threshold marked (atomic write)."""
-    import os
-    from pathlib import Path
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -114,9 +102,4 @@ def similarity_histogram(similarities: Sequence[float], threshold: float, path: 
     ax.set_title(title or "SASI similarity")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=96)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, dpi=96)

@@ -1,12 +1,13 @@
 """t-SNE picture of the feature space for a few classes (paper Fig. 10: ten random classes)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
+
+from sasi_online.utils import save_figure
 
 
 def choose_classes(labels: np.ndarray, num_classes: int, seed: int) -> np.ndarray:
@@ -65,13 +66,7 @@ def plot_embedding(coords: np.ndarray, labels: np.ndarray, path: str | Path,
     ax.set_title(title or "t-SNE of frozen features", fontsize=9)
     ax.legend(fontsize=6, markerscale=2, loc="best", frameon=False)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def plot_tsne(feats, labels, path: str | Path, class_names: Sequence[str] | None = None,

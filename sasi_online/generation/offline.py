@@ -16,7 +16,7 @@ from typing import Any, Iterator, Optional
 
 from sasi_online.data.store import SasiStore, settings_hash
 from sasi_online.errors import CorruptImageError, UserInputError
-from sasi_online.utils import atomic_write_json, save_grid
+from sasi_online.utils import atomic_write_json, chunked, save_grid
 
 from .families import FAMILY_FOLDERS, family_for
 from .generator import SASIGenerator
@@ -87,17 +87,6 @@ def _work(store: SasiStore, n: int, variants: int) -> Iterator[tuple[int, int]]:
                 yield i, v
 
 
-def _batches(it: Iterator, size: int) -> Iterator[list]:
-    batch = []
-    for item in it:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 class _Stopwatch:
     def __init__(self, seconds: dict):
         self.seconds = seconds
@@ -163,7 +152,7 @@ def generate_store(cfg: Any, store_path: str | Path, *, kind: Optional[str] = No
     sem_variants = cfg.semantics.variants
     try:
         with tqdm(total=todo_count, desc=f"SASI ({kind})", unit="img", disable=not progress) as bar:
-            for batch in _batches(_work(store, n, variants), cfg.generation.batch_size):
+            for batch in chunked(_work(store, n, variants), cfg.generation.batch_size):
                 with watch("load"):
                     items, samples = [], []
                     for index, variant in batch:

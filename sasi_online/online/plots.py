@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sasi_online.utils import save_figure
+
 RING_PLOT, THROUGHPUT_PLOT = "online_ring.png", "online_throughput.png"
 
 
@@ -32,8 +34,7 @@ def plot_online_run(out_dir: str | Path) -> list[Path]:
     ax.set_title("ring fill and pairing outcomes")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / RING_PLOT, dpi=100)
-    plt.close(fig)
+    save_figure(fig, out / RING_PLOT)
     written.append(out / RING_PLOT)
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -46,7 +47,6 @@ def plot_online_run(out_dir: str | Path) -> list[Path]:
     ax2.set_ylabel("producer SASI/s", color="tab:orange")
     ax.set_title("throughput")
     fig.tight_layout()
-    fig.savefig(out / THROUGHPUT_PLOT, dpi=100)
-    plt.close(fig)
+    save_figure(fig, out / THROUGHPUT_PLOT)
     written.append(out / THROUGHPUT_PLOT)
     return written
