@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if argv else 2
     name = argv[0]
+    from sasi_online.utils import limit_threads
+
+    limit_threads()  # one thread per process unless OMP_NUM_THREADS says otherwise
     module = importlib.import_module(available[name][0])
     parser = argparse.ArgumentParser(prog=f"sasi {name}", description=available[name][1],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
