@@ -30,6 +30,7 @@ from sasi_online.engines.availability import (
 from sasi_online.errors import UserInputError
 
 BACKENDS = ("eager", "compile", "onnxruntime", "tensorrt", "torch_tensorrt")
+PRECISIONS = ("fp32", "fp16", "bf16")  # engine precisions (TensorRT and torch-tensorrt)
 
 
 class EagerUNet:
@@ -111,6 +112,10 @@ def select_backend(name: str, unet: nn.Module, *, controlnet: nn.Module | None =
         raise UserInputError(f"backend '{name}' is unknown; choose one of {', '.join(BACKENDS)} "
                              f"(config key generation.backend)")
     request = request or BackendRequest()
+    if name in ("tensorrt", "torch_tensorrt") and request.precision not in PRECISIONS:
+        # Checked first: the tensorrt path would only notice after minutes of ONNX export.
+        raise UserInputError(f"precision '{request.precision}' is not one of {', '.join(PRECISIONS)} "
+                             f"(BackendRequest.precision)")
     device_type = _device_type(unet)
     if name == "eager":
         return EagerUNet(unet)

@@ -153,7 +153,10 @@ def infonce_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperat
                  backend: str | None = None) -> torch.Tensor:
     """MoCo InfoNCE over a queue (positive at index 0), mean over the batch."""
     choice = choose_backend(q, k, queue, backend=backend, kernel="infonce")
-    if choice.backend == "triton" and backend is None and q.ndim == 2 and q.shape[1] > MAX_DIM:
+    # Only the automatic choice falls back; a forced Triton (argument or environment)
+    # fails with the fix instead of silently running the reference.
+    if choice.backend == "triton" and _requested(backend)[0] == "auto" and q.ndim == 2 \
+            and q.shape[1] > MAX_DIM:
         choice = BackendChoice("torch", f"infonce: torch reference because the feature size "
                                         f"{q.shape[1]} exceeds the fused kernel's {MAX_DIM}")
     _announce(choice, "infonce")

@@ -68,6 +68,13 @@ def validate(cfg: Config, num_trainers: int = 1) -> None:
                              "trainer process (the ring); set train.num_workers=0")
     if cfg.augment.backend not in ("torchvision", "dali"):
         raise UserInputError(f"augment.backend must be torchvision or dali, got '{cfg.augment.backend}'")
+    from sasi_online.training.engine import deepspeed_config
+
+    deepspeed_config(cfg, t.batch_size, num_trainers)  # zero_stage, precision, grad_accum
+    if cfg.online.producers > 0:
+        from sasi_online.online.settings import check_online_config
+
+        check_online_config(cfg)
     from sasi_online.ssl import METHODS
 
     if cfg.method.name in METHODS:  # e.g. MoCo-v2's queue must hold whole global batches
@@ -271,6 +278,8 @@ def _train_on_trainer(cfg, roles, stop_at, step_callback, method_factory):
         save_config(cfg, out / "config.yaml")
 
     logger = MetricsLogger(out, enabled=is_main)
+    if found is not None:
+        logger.drop_after(start)
     monitor = None
     if is_main:
         try:
@@ -353,10 +362,10 @@ def _train_on_trainer(cfg, roles, stop_at, step_callback, method_factory):
                 logger.log(done, result.last_eval)
             if done % t.ckpt_every == 0 or done == last:
                 _check_finite_params(engine.module, done)
-                save = functools.partial(ckpt.save, engine, ckpt_dir, done, cfg,
-                                         {"step": done, "sasi_outcomes": dict(outcomes),
-                                          "source": source.state_dict() if source is not None else {}},
-                                         rank, group)
+                own = {"sasi_outcomes": dict(outcomes),
+                       "source": source.state_dict() if source is not None else {}}
+                save = functools.partial(ckpt.save, engine, ckpt_dir, done, cfg, {"step": done, **own},
+                                         rank, group, rank_state=own)
                 if online is not None:  # a quiet point: producers pause, in-flight SASI land first
                     online.save(ckpt_dir, done, done * ga, save)
                 else:

@@ -65,3 +65,11 @@ def test_bad_recipes_are_refused(tmp_path):
     bad.write_text("global:\n  - flop: 0.5\n")
     with pytest.raises(UserInputError, match="unknown keys"):
         load_recipe(str(bad))
+    for text, match in (("- flip: 0.5\n", "non-empty 'global' list"),
+                        ("global: [flip: 0.5\n", "not valid YAML"),
+                        ("global:\n  - jitter: 0.4\n", "'jitter' must be a mapping"),
+                        ("global:\n  - ratio: [1.5, 0.5]\n", "ratio"),
+                        ("global:\n  - blur: {sigma: [2.0, 0.1]}\n", "blur.sigma")):
+        bad.write_text(text)
+        with pytest.raises(UserInputError, match=match):
+            load_recipe(str(bad))

@@ -151,8 +151,15 @@ def test_stl10_column_major_round_trip(tmp_path):
     assert ds.relpath(1) == "train/9_truck/000001"
     unl = build_dataset(DataConfig(name="stl10", root=str(tmp_path), split="unlabeled"))
     assert len(unl) == 2 and unl[1].label == -1 and unl[1].relpath == "unlabeled/unlabeled/000001"
+    (folder / "class_names.txt").write_text("airplane\nbird\n")  # fewer names than labels
+    with pytest.raises(UserInputError, match="labels go up to 9 but only 2 class names"):
+        build_dataset(DataConfig(name="stl10", root=str(tmp_path), split="train"))
+    (folder / "class_names.txt").unlink()
     (folder / "test_X.bin").write_bytes(b"\0" * 100)
     (folder / "test_y.bin").write_bytes(b"\1")
+    with pytest.raises(UserInputError, match="truncated"):
+        build_dataset(DataConfig(name="stl10", root=str(tmp_path), split="test"))
+    (folder / "test_X.bin").write_bytes(b"")
     with pytest.raises(UserInputError, match="truncated"):
         build_dataset(DataConfig(name="stl10", root=str(tmp_path), split="test"))
 

@@ -171,6 +171,10 @@ def test_backend_selection_says_why(models, tmp_path):
         select_backend("tensort", unet)
     with pytest.raises(UserInputError, match="needs an engine folder"):
         select_backend("onnxruntime", unet)
+    from sasi_online.engines.backends import BackendRequest
+    # A bad engine precision is refused before any export or TensorRT check.
+    with pytest.raises(UserInputError, match="precision 'fp8' is not one of fp32, fp16, bf16"):
+        select_backend("tensorrt", unet, request=BackendRequest(precision="fp8"))
     compiled = select_backend("compile", unet)
     assert compiled.name == "compile" and compiled.mode == compile_mode_for(compiled_device(unet))[0]
 

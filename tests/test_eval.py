@@ -348,3 +348,17 @@ def test_imagefolder_with_val_split_and_a_simclr_split_file(tiny_checkpoint, tmp
     assert semi["labelled"] == 2 and semi["unmatched_names"] == 1
     # Red and blue squares: any encoder separates them.
     assert result["results"]["linear"]["top1"] == 100.0 and semi["top1"] == 100.0
+
+
+def test_resumed_results_are_incomplete_until_the_run_ends(tmp_path):
+    from sasi_online.eval.suite import SCHEMA, _Results
+
+    path = tmp_path / "eval.json"
+    header = {"schema": SCHEMA, "fingerprint": "f"}
+    path.write_text(json.dumps({**header, "results": {"knn": {"top1": 50.0}}, "complete": True}))
+    res = _Results(path, header)
+    # Old sections are kept, but a re-run (e.g. adding a transfer set) that is interrupted
+    # must leave a file that says it is unfinished.
+    assert res.has("knn") and res.data["complete"] is False
+    res.put({"top1": 40.0}, "transfer", "cifar10")
+    assert json.loads(path.read_text())["complete"] is False

@@ -181,6 +181,17 @@ def test_bad_inputs_have_clear_errors(tiny_zoo, tmp_path):
         SASIGenerator.from_config(cfg.models, cfg.generation).generate(["a", "b"], [None], [0])
 
 
+def test_img2img_without_any_denoising_step_is_refused():
+    from sasi_online.generation.loop import img2img_timesteps
+
+    sched = make_scheduler("ddim", {})
+    sched.set_timesteps(4)
+    assert len(img2img_timesteps(sched, 4, 0.5)) == 2  # the last half of the schedule
+    sched.set_timesteps(1)
+    with pytest.raises(UserInputError, match="generation.steps=1 x generation.strength=0.8"):
+        img2img_timesteps(sched, 1, 0.8)
+
+
 def test_attention_choice_is_recorded_and_impossible_requests_refused(generators):
     gen = generators["sd15"]
     gen.family("sd15")

@@ -450,3 +450,15 @@ def test_dispatcher_forced_triton_runs_in_the_interpreter(triton_here):
     assert choice.backend == "triton" and "interpreter" in choice.reason
     torch.testing.assert_close(augment_views(imgs, p, 8, backend="triton"),
                                augment_views(imgs, p, 8, backend="torch"), rtol=1e-4, atol=1e-4)
+
+
+def test_infonce_triton_forced_by_env_refuses_wide_features(triton_here, monkeypatch):
+    if not triton_here:
+        return
+    # Forcing Triton through the environment must not silently fall back to the reference.
+    monkeypatch.setenv("SASI_KERNEL_BACKEND", "triton")
+    from sasi_online.kernels.infonce import MAX_DIM
+
+    q, k, queue = _qkq(2, 4, MAX_DIM + 8)
+    with pytest.raises(UserInputError, match="exceeds the fused kernel"):
+        infonce_loss(q, k, queue, 0.1)

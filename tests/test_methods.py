@@ -139,6 +139,10 @@ def test_mocov2_queue_batch_divisibility_is_checked_at_start_up():
     method = make("mocov2", queue_size=32)
     with pytest.raises(ValueError, match=r"method\.queue_size=32.*global batch 12"):
         method(views(batch=12))
+    # 0 divides by every batch: refused as a user error (a clear message, no traceback).
+    from sasi_online.errors import UserInputError
+    with pytest.raises(UserInputError, match=r"method\.queue_size must be >= 1"):
+        build_method(tiny_cfg("mocov2", queue_size=0, backbone="resnet18"), global_batch=24)
 
 
 def test_mocov2_shuffle_bn_unshuffles_exactly_and_changes_batch_statistics():
@@ -413,3 +417,17 @@ def test_two_trainers_gather_shuffle_and_queue_like_one_process(tmp_path):
     # deadlock (seen when this file ran after the trainer tests).
     mp.start_processes(_two_trainer_worker, args=(str(tmp_path / "init"), 2), nprocs=2, join=True,
                        start_method="spawn")
+
+
+def test_mocov3_heads_follow_the_published_layout_per_backbone():
+    import torch.nn as nn
+
+    # ResNet: 2-layer projector ending in BN (no affine), predictor ending in a Linear.
+    res = make("mocov3", backbone="resnet18")
+    assert sum(isinstance(m, nn.Linear) for m in res.projector) == 2
+    assert isinstance(res.projector[-1], nn.BatchNorm1d) and not res.projector[-1].affine
+    assert isinstance(res.predictor[-1], nn.Linear)
+    # ViT: 3-layer projector, predictor ending in BN.
+    vit = make("mocov3", backbone="vit_small")
+    assert sum(isinstance(m, nn.Linear) for m in vit.projector) == 3
+    assert isinstance(vit.predictor[-1], nn.BatchNorm1d)

@@ -1,5 +1,6 @@
 """RingSource pairing order: own-image ring hit → pool draw (real image swapped) → store → fallback."""
 import numpy as np
+import pytest
 import torch
 
 from sasi_online.config import Config
@@ -67,3 +68,33 @@ def test_micro_batch_uses_the_real_image_of_a_drawn_sasi():
     plain = augmenter.apply("plain", [np.asarray(ds[i].image) for i in (own[0], other)])
     torch.testing.assert_close(batch.views[0][:2], plain)  # the draw brought its own real image
     assert source.counts[RING_HIT] == 1 and source.counts[POOL_DRAW] == 1
+
+
+def test_metrics_after_a_resume_count_from_the_resume():
+    """Restored counters hold the run before the interruption: the first logged interval
+    after a resume rates only what happened since (outcomes, producer SASI/s)."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from sasi_online.online.metrics import OnlineMetrics
+
+    class Coord:  # the published producer stats of a producer resumed with 90 SASI made before
+        stats = {"generated": 90, "generated_this_run": 0, "busy_s": 0.0, "wall_s": 1.0}
+
+        def producer_stats(self, i):
+            return dict(self.stats)
+
+    source = RingSource(RingPool(2, SHAPE))
+    online = SimpleNamespace(source=source, ring=source.ring, roles=SimpleNamespace(num_trainers=1, producer_ranks=[1]),
+                             counts=Counter(), backlog=[], poll_s=0.0, per_image=np.zeros(4, np.int64),
+                             coord=Coord(), start_wait_s=0.0)
+    metrics = OnlineMetrics(online)
+    source.counts = Counter({RING_HIT: 0, FALLBACK: 100})  # restored: all fallbacks before the cut
+    metrics.resumed(10)
+    source.counts.update({RING_HIT: 3, FALLBACK: 1})
+    Coord.stats = {**Coord.stats, "generated": 94, "generated_this_run": 4}
+    t0 = metrics._last_t
+    rec = metrics.record(12)
+    assert rec["online/hit_rate"] == 0.75 and rec["online/fallback_rate"] == 0.25
+    assert rec["online/hit_rate_total"] == 3 / 104 and rec["online/sasi_generated"] == 94
+    assert rec["online/producer_sasi_per_s"] * (metrics._last_t - t0) == pytest.approx(4)  # not 94

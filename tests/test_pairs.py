@@ -154,3 +154,10 @@ def test_store_source_reads_a_real_store(tmp_path):
     direct = StoreSource(SasiStore.open(tmp_path / "s"), vp_kind="noise")  # caption-only SASI
     assert {direct.get([0], rng)[0].variant for _ in range(6)} == {1}
     assert tuple(direct.get([0], rng)[0].image[0, 0]) == BLUE
+    # `sasi generate --vp-kind direct` writes vp_kind 'direct': also caption-only
+    store = SasiStore.open(tmp_path / "s", writable=True)
+    store.add(_img(BLUE), index=2, variant=0, relpath="train/a/2", vp_kind="direct")
+    store.close()
+    direct = StoreSource(SasiStore.open(tmp_path / "s"), vp_kind="noise")
+    assert [h.outcome for h in direct.get([2], rng)] == ["hit"]
+    assert [h.outcome for h in StoreSource(SasiStore.open(tmp_path / "s"), vp_kind="image").get([2], rng)] == ["missing"]

@@ -16,3 +16,14 @@ def test_pure_function_of_seed_and_step():
     assert StepSampler(100, 8, 2, seed=4).indices(0, 0) != a.indices(0, 0)
     up = a.upcoming(5, 2)
     assert [i for (st, r, i) in up if st == 6 and r == 1] == a.indices(6, 1)
+
+
+def test_empty_batches_are_refused_by_name():
+    import pytest
+
+    from sasi_online.errors import UserInputError
+
+    with pytest.raises(UserInputError, match="train.batch_size"):
+        StepSampler(100, 0, 1)
+    with pytest.raises(UserInputError, match="lower train.batch_size"):
+        StepSampler(10, 8, 2)

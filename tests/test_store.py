@@ -68,6 +68,9 @@ def test_layout_random_access_and_latest_version_wins(tmp_path):
     assert [r.key for r in store.iter_records()] == [(3, 0), (3, 1)]
     with pytest.raises(UserInputError, match="read-only"):
         store.update(3, 0, fishy=True)
+    (root / "train/a/000003/v1.png").unlink()  # damaged from outside: a clear error, not a traceback
+    with pytest.raises(UserInputError, match=r"SASI \(3, 1\).*v1.png"):
+        store.get(3, 1)
 
 
 def test_reopen_checks_dataset_and_settings(tmp_path):
@@ -86,6 +89,8 @@ def test_reopen_checks_dataset_and_settings(tmp_path):
     (tmp_path / "other" / "x.txt").write_text("x")
     with pytest.raises(UserInputError, match="not a SASI store"):
         _new(tmp_path / "other")
+    with pytest.raises(UserInputError, match="not a SASI store"):  # a file, not a folder
+        _new(tmp_path / "other" / "x.txt")
     with pytest.raises(UserInputError, match="no store.json"):
         SasiStore.open(tmp_path / "nothing")
 
@@ -157,6 +162,16 @@ def _cfg_and_args(argv: list[str]):
 
 def _files(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("v*.png")}
+
+
+def test_img2img_settings_without_a_step_are_refused_before_the_store_exists(tmp_path):
+    from sasi_online.generation.offline import generate_store
+
+    cfg, _ = _cfg_and_args(_cli_args(tmp_path / "s", tmp_path / "no-zoo", "--steps", "1", "--strength", "0.8"))
+    with pytest.raises(UserInputError, match="steps x strength >= 1"):
+        generate_store(cfg, tmp_path / "s", kind="mix", limit=1, progress=False)
+    # nothing recorded: rerunning with fixed settings is not refused as "other settings"
+    assert not (tmp_path / "s" / "store.json").exists()
 
 
 def test_generate_fills_store_deterministically_and_resumes(tiny_zoo, tmp_path):

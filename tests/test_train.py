@@ -75,11 +75,44 @@ def test_resume_is_exact(tmp_path, optim, zero, accum):
     cut = tiny_cfg(tmp_path / "cut", **over)
     first = _train(cut, stop_at=2)
     assert first.step == 2 and (tmp_path / "cut/checkpoints/step_0000002/meta.json").is_file()
+    with open(tmp_path / "cut/metrics.jsonl", "a") as fh:  # logged after the checkpoint, then a crash
+        fh.write(json.dumps({"step": 3, "loss": 9.0}) + "\n" + '{"step": 4, "lo')
     resumed = _train(cut)
+    rows = [json.loads(x) for x in (tmp_path / "cut/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]  # step 3 logged once, by the resume
     assert sorted(resumed.losses) == [3, 4]  # continued from the checkpoint, not from scratch
     for step in (3, 4):
         assert resumed.losses[step] == pytest.approx(full.losses[step], rel=1e-6)
     assert full.losses[3] != full.losses[4]  # the comparison is not trivially constant
+
+
+def test_each_trainer_resumes_its_own_sasi_counters(tmp_path):
+    """DeepSpeed keeps the first trainer's client state only; each trainer's own counters
+    travel in its own file (saved here as trainer 0, then as trainer 1, of one engine)."""
+    from sasi_online.training import checkpoint as ckpt
+    from sasi_online.training.engine import build_engine, destroy_process_group, init_process_group
+
+    cfg = tiny_cfg(tmp_path / "run")
+    from sasi_online.online.roles import setup_roles
+
+    created = init_process_group()
+    try:
+        roles = setup_roles(0)
+        model = nn.Linear(2, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        engine = build_engine(model, opt, None, {"train_micro_batch_size_per_gpu": 1,
+                                                 "train_batch_size": 1, "steps_per_print": 10 ** 9}, roles.mpu)
+        ckpt_dir = tmp_path / "run/checkpoints"
+        for rank, hits in ((0, 5), (1, 7)):
+            own = {"sasi_outcomes": {"hit": hits}, "source": {"counts": {"hit": hits}}}
+            ckpt.save(engine, ckpt_dir, 2, cfg, {"step": 2, **own}, rank, roles.trainer_group, rank_state=own)
+        assert ckpt.load(engine, ckpt_dir, cfg, 0)["sasi_outcomes"] == {"hit": 5}
+        client = ckpt.load(engine, ckpt_dir, cfg, 1)
+        assert client["sasi_outcomes"] == {"hit": 7} and client["source"] == {"counts": {"hit": 7}}
+        assert client["step"] == 2
+    finally:
+        if created:
+            destroy_process_group()
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
@@ -116,7 +149,11 @@ def test_refusals_before_any_work(tmp_path):
         _train(tiny_cfg(tmp_path / "a", method={"queue_size": 100}))
     with pytest.raises(UserInputError, match="store.path"):
         _train(tiny_cfg(tmp_path / "b", train={"pair_mode": "sasi"}))
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    with pytest.raises(UserInputError, match="leaves no trainer"):  # one process, one producer
+        _train(tiny_cfg(tmp_path / "c", online={"producers": 1}))
+    with pytest.raises(UserInputError, match="train.precision"):
+        _train(tiny_cfg(tmp_path / "d", train={"precision": "fp16"}))
+    assert not any((tmp_path / d).exists() for d in "abcd")
 
 
 def test_checkpoint_from_another_config_is_refused(tmp_path):

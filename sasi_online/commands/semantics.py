@@ -66,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     t_rewrite = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    segmenter = Segmenter(cfg.models.path("segmenter")) if needs_mask(cfg.visual.kind) else None
+    # as `sasi generate` builds it (visual.segment_size), so the previewed mask maps are the ones used
+    segmenter = Segmenter.from_config(cfg.models, cfg.visual) if needs_mask(cfg.visual.kind) else None
     vps = build_visual_prompts([s.image for s in rows_s], [s.index for s in rows_s], rewrite_ids,
                                cfg=cfg.visual, resolution=cfg.generation.resolution,
                                base_seed=cfg.generation.seed, segmenter=segmenter,

@@ -8,7 +8,6 @@ Images enter as HWC uint8 numpy arrays (RGB) and leave as normalised float CHW t
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -90,6 +89,10 @@ def _parse_spec(raw: dict, where: str) -> ViewSpec:
     s.scale = tuple(float(v) for v in raw.get("scale", s.scale))
     s.ratio = tuple(float(v) for v in raw.get("ratio", s.ratio))
     s.flip = float(raw.get("flip", s.flip))
+    for section in ("jitter", "blur"):
+        if not isinstance(raw.get(section, {}), dict):
+            raise UserInputError(f"{where}: '{section}' must be a mapping (e.g. {section}: {{prob: 0.5}}), "
+                                 f"got {raw[section]!r}")
     j = raw.get("jitter", {})
     s.jitter_prob = float(j.get("prob", s.jitter_prob))
     s.brightness = float(j.get("brightness", s.brightness))
@@ -106,6 +109,10 @@ def _parse_spec(raw: dict, where: str) -> ViewSpec:
             raise UserInputError(f"{where}: probability '{name}' must lie in [0, 1], got {getattr(s, name)}")
     if not (0 < s.scale[0] <= s.scale[1] <= 1.0):
         raise UserInputError(f"{where}: scale must be 0 < min <= max <= 1, got {list(s.scale)}")
+    if not (0 < s.ratio[0] <= s.ratio[1]):
+        raise UserInputError(f"{where}: ratio must be 0 < min <= max, got {list(s.ratio)}")
+    if not (0 < s.blur_sigma[0] <= s.blur_sigma[1]):
+        raise UserInputError(f"{where}: blur.sigma must be 0 < min <= max, got {list(s.blur_sigma)}")
     if not 0.0 <= s.hue <= 0.5:
         raise UserInputError(f"{where}: jitter.hue must lie in [0, 0.5], got {s.hue}")
     return s
@@ -120,8 +127,11 @@ def load_recipe(name_or_path: str) -> Recipe:
         shipped = sorted(q.stem for q in RECIPE_DIR.glob("*.yaml"))
         raise UserInputError(f"augment.recipe '{name_or_path}' not found; use one of {shipped} "
                              f"or a path to a recipe YAML")
-    raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    if not raw.get("global"):
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise UserInputError(f"recipe '{p}' is not valid YAML ({exc})") from exc
+    if not isinstance(raw, dict) or not isinstance(raw.get("global"), list) or not raw["global"]:
         raise UserInputError(f"recipe '{p}' needs a non-empty 'global' list of views")
     local = raw.get("local")
     return Recipe(
@@ -201,7 +211,3 @@ def build_augmenter(cfg_augment, image_size: int, seed: int = 0, max_batch: int 
 
         return DaliAugmenter(recipe, image_size, seed=seed, max_batch=max_batch)
     raise UserInputError(f"augment.backend '{cfg_augment.backend}' is not one of torchvision, dali")
-
-
-def recipe_as_dict(recipe: Recipe) -> dict:
-    return dataclasses.asdict(recipe)

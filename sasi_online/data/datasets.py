@@ -98,6 +98,11 @@ class ArrayDataset(IndexedDataset):
         self._images = images
         self._labels = np.asarray(labels, dtype=np.int64)
         self._labels.setflags(write=False)
+        if self._labels.size and self._labels.max() >= len(self.classes):
+            raise UserInputError(
+                f"{name}/{split}: labels go up to {int(self._labels.max())} but only {len(self.classes)} "
+                f"class names are known ({self.classes[:3]}...); the label and class-name files do not "
+                f"match, re-extract the dataset")
         self._to_hwc = to_hwc
 
     def __len__(self) -> int:

@@ -123,7 +123,7 @@ def open_stl10_images(path: Path) -> np.ndarray:
     The unlabeled file is 2.7 GB: it is mapped, never read whole.
     """
     size = path.stat().st_size
-    if size % STL10_PIXELS:
+    if size == 0 or size % STL10_PIXELS:  # numpy cannot map an empty file either
         raise UserInputError(
             f"'{path}' is {size} bytes, not a multiple of one 96x96x3 image ({STL10_PIXELS}); "
             f"the file is truncated, re-extract stl10_binary"

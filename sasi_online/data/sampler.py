@@ -11,11 +11,16 @@ from functools import lru_cache
 
 import torch
 
+from sasi_online.errors import UserInputError
+
 
 class StepSampler:
     def __init__(self, dataset_size: int, batch_size: int, num_trainers: int = 1, seed: int = 0):
+        if batch_size < 1 or num_trainers < 1:
+            raise UserInputError(f"train.batch_size ({batch_size}) and the number of trainers "
+                                 f"({num_trainers}) must both be >= 1")
         if dataset_size < batch_size * num_trainers:
-            raise ValueError(
+            raise UserInputError(
                 f"the dataset has {dataset_size} images, fewer than one global batch "
                 f"({batch_size} x {num_trainers} trainers): lower train.batch_size"
             )

@@ -16,6 +16,8 @@ from typing import Any, Optional, Protocol
 import numpy as np
 
 HIT, FISHY, MISSING = "hit", "fishy", "missing"
+# SASI made from the caption alone (pure-noise start, no ControlNet)
+CAPTION_ONLY_KINDS = ("noise", "direct")
 
 
 @dataclass
@@ -53,18 +55,21 @@ class StoreSource:
     """A random non-fishy variant of each image from a SASI store.
 
     `vp_kind` restricts the variants (e.g. 'noise' for the `direct` pair mode, whose SASI
-    come from the caption alone).
+    come from the caption alone). The caption-only kinds ('noise' and 'direct', which
+    `sasi generate --vp-kind direct` writes) stand for each other.
     """
 
     def __init__(self, store: Any, vp_kind: Optional[str] = None):
         self.store = store
         self.vp_kind = vp_kind
+        self._kinds = None if vp_kind is None else (
+            CAPTION_ONLY_KINDS if vp_kind in CAPTION_ONLY_KINDS else (vp_kind,))
         self.counts: Counter = Counter()
 
     def _usable_variants(self, index: int) -> tuple[list[int], int]:
         records = list(self.store.variants(index))
-        if self.vp_kind is not None:
-            records = [r for r in records if _record_field(r, "vp_kind", self.vp_kind) == self.vp_kind]
+        if self._kinds is not None:
+            records = [r for r in records if _record_field(r, "vp_kind", self.vp_kind) in self._kinds]
         ids = [_variant_id(r) for r in records]
         return [v for v in ids if not self.store.is_fishy(index, v)], len(ids)
 

@@ -37,9 +37,9 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
-from sasi_online.errors import UserInputError
+from sasi_online.errors import CorruptImageError, UserInputError
 from sasi_online.utils import DiskFullError, atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ class SasiStore:
                   "settings_hash": settings_hash({"models": models, "settings": settings}),
                   "image_format": image_format}
         if not (root / HEADER).is_file():
-            if root.exists() and any(p.name != WRITING_MARK for p in root.iterdir()):
+            if root.exists() and (not root.is_dir() or any(p.name != WRITING_MARK for p in root.iterdir())):
                 raise UserInputError(f"'{root}' exists and is not a SASI store; choose a new or empty folder")
             root.mkdir(parents=True, exist_ok=True)
             wanted["settings_history"] = [wanted["settings_hash"]]
@@ -306,8 +306,17 @@ class SasiStore:
         rec = self.record(index, variant)
         if rec is None or rec.failed or not rec.file:
             return None
-        with Image.open(self.root / rec.file) as im:
-            return im.convert("RGB")
+        path = self.root / rec.file
+        try:
+            with Image.open(path) as im:
+                return im.convert("RGB")
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            # the manifest promises this file: it was deleted or damaged after it was written
+            err = CorruptImageError(
+                f"SASI ({index}, {variant}) of store '{self.root}': '{path}' cannot be read ({exc}). "
+                f"Restore the file (a store's files are never deleted by sasi), or generate into a new --store folder.")
+            err.path = str(path)
+            raise err from exc
 
     # ------------------------------------------------------------------ writing
     def add(self, image: Optional[np.ndarray], *, index: int, variant: int, relpath: str,

@@ -121,6 +121,9 @@ class _Results:
             self.data = {**header, "results": {}, "complete": False}
         else:
             self.data.update({k: v for k, v in header.items() if k != "results"})
+            # Sections may still be added (a new transfer set): until the run ends the file
+            # must not claim to be complete, or an interruption now would go unnoticed.
+            self.data["complete"] = False
 
     def has(self, *keys) -> bool:
         node = self.data["results"]

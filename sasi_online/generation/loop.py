@@ -30,10 +30,23 @@ def encode_text(tokenizer: Any, text_encoder: Any, prompts: Sequence[str],
     return torch.cat([run(negatives), cond])
 
 
+def img2img_steps(steps: int, strength: float) -> int:
+    """How many denoising steps img2img runs; refuses settings that leave none (the "SASI"
+    would be the noised input itself; diffusers refuses them too)."""
+    init = min(int(steps * strength), steps)
+    if init < 1:
+        from sasi_online.errors import UserInputError
+
+        raise UserInputError(
+            f"generation.steps={steps} x generation.strength={strength} leaves no denoising step for "
+            f"image/mix visual prompts; raise generation.steps or generation.strength so that "
+            f"steps x strength >= 1")
+    return init
+
+
 def img2img_timesteps(scheduler: Any, steps: int, strength: float) -> torch.Tensor:
     """The tail of the schedule that img2img runs: the last `strength` fraction of `steps`."""
-    init = min(int(steps * strength), steps)
-    t_start = max(steps - init, 0)
+    t_start = max(steps - img2img_steps(steps, strength), 0)
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(t_start * scheduler.order)
     return scheduler.timesteps[t_start * scheduler.order:]

@@ -119,6 +119,10 @@ def generate_store(cfg: Any, store_path: str | Path, *, kind: Optional[str] = No
         raise UserInputError(f"visual prompt kind '{kind}' is not known; use one of {', '.join(GEN_KINDS)}")
     if variants < 1:
         raise UserInputError(f"--variants must be >= 1, got {variants}")
+    if kind in ("image", "mix"):  # refuse before the store header records these settings
+        from .loop import img2img_steps
+
+        img2img_steps(cfg.generation.steps, cfg.generation.strength)
     # the store belongs to the whole dataset; a limit only chooses which images to do now
     ds = build_dataset(dataclasses.replace(cfg.data, limit=None))
     limit = limit if limit is not None else cfg.data.limit

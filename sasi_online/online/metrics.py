@@ -31,7 +31,7 @@ class OnlineMetrics:
     def __init__(self, online: Any, group: Any = None):
         self.online = online
         self.group = group
-        self._last_outcomes = np.zeros(len(OUTCOMES))
+        self._last_outcomes = np.zeros(len(OUTCOMES))  # this trainer's counts at the last record
         self._last_generated = 0.0
         self._last_t = time.perf_counter()
         self._last_poll = 0.0
@@ -44,19 +44,28 @@ class OnlineMetrics:
             dist.all_reduce(t, group=self.group)
         return t.numpy()
 
+    def resumed(self, micro_step: int) -> None:
+        """After a resume: the first interval starts here, not at the run's step 0 (the
+        restored counters hold the whole run before the interruption)."""
+        self._last_outcomes = np.array([self.online.source.counts[k] for k in OUTCOMES], dtype=np.float64)
+        self._last_steps = micro_step
+
     def record(self, micro_steps_done: int) -> dict:
         o = self.online
         src, ring = o.source, o.ring
         n_tr = o.roles.num_trainers
-        local = [src.counts[k] for k in OUTCOMES] + [o.counts["received"], ring.fill(), len(o.backlog), o.poll_s]
+        mine = np.array([src.counts[k] for k in OUTCOMES], dtype=np.float64)
+        local = [*mine, *(mine - self._last_outcomes), o.counts["received"], ring.fill(), len(o.backlog), o.poll_s]
         tot = self._sum(np.array(local))
-        outcomes, received, fill, backlog, poll = tot[:4], tot[4], tot[5] / n_tr, tot[6], tot[7] / n_tr
+        outcomes, delta = tot[:4], tot[4:8]
+        received, fill, backlog, poll = tot[8], tot[9] / n_tr, tot[10], tot[11] / n_tr
         per_image = self._sum(o.per_image)
-        delta = outcomes - self._last_outcomes
         n = max(delta.sum(), 1.0)
         now = time.perf_counter()
         prod = [o.coord.producer_stats(i) for i in range(len(o.roles.producer_ranks))]
         generated = float(sum(p.get("generated", 0) for p in prod))
+        # SASI/s from what producers made in this process: a resumed producer's totals start high
+        generated_now = float(sum(p.get("generated_this_run", p.get("generated", 0)) for p in prod))
         busy = [p["busy_s"] / max(p["wall_s"], 1e-9) for p in prod if p]
         dt = max(now - self._last_t, 1e-9)
         steps = max(micro_steps_done - self._last_steps, 1)
@@ -70,7 +79,7 @@ class OnlineMetrics:
             "online/ring_fill": fill,
             "online/ring_bytes": float(ring.nbytes),
             "online/backlog": backlog,
-            "online/producer_sasi_per_s": (generated - self._last_generated) / dt,
+            "online/producer_sasi_per_s": (generated_now - self._last_generated) / dt,
             "online/producer_busy": float(np.mean(busy)) if busy else 0.0,
             "online/producers_stopped": float(sum(p.get("stopped", 0) for p in prod)),
             "online/sasi_generated": generated,
@@ -85,7 +94,7 @@ class OnlineMetrics:
             "online/poll_ms_per_step": 1000.0 * (poll - self._last_poll) / steps,
             "online/start_wait_s": float(o.start_wait_s),
         }
-        self._last_outcomes, self._last_generated, self._last_t = outcomes, generated, now
+        self._last_outcomes, self._last_generated, self._last_t = mine, generated_now, now
         self._last_poll, self._last_steps, self._age_seen = poll, micro_steps_done, len(ring.age_at_use)
         return rec
 

@@ -66,6 +66,7 @@ class Producer:
         self.busy_s = 0.0
         self.t_start = time.perf_counter()
         self.store = None  # SasiStore when store.write_online
+        self.generated_before = 0  # SASI made before a resume (the counters are the run's)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -84,6 +85,7 @@ class Producer:
         self.outbox = {int(t): [(m["indices"].tolist(), m["variants"].tolist(), m["images"]) for m in msgs]
                        for t, msgs in state["outbox"].items()}
         self.counts = Counter(state["counts"])
+        self.generated_before = self.counts["generated"]
 
     def resume(self) -> None:
         """Continue from the checkpoint the trainers resume from (same latest.json)."""
@@ -200,7 +202,9 @@ class Producer:
 
     # ------------------------------------------------------------------ loop
     def stats(self) -> dict:
-        return {"generated": self.counts["generated"], "failed": self.counts["failed"],
+        return {"generated": self.counts["generated"],
+                "generated_this_run": self.counts["generated"] - self.generated_before,
+                "failed": self.counts["failed"],
                 "failed_batches": self.counts["failed_batches"], "sent": self.counts["sent"],
                 "busy_s": self.busy_s, "wall_s": time.perf_counter() - self.t_start,
                 "lead": self.planner.lead, "skipped_steps": self.planner.skipped_steps,

@@ -188,7 +188,7 @@ class OnlineTrainer:
                                      buffers=o.credits, store=self.coord.store, device=recv_device)
         self.backlog: list[tuple[int, int, torch.Tensor]] = []
         self.per_image = np.zeros(dataset_size, dtype=np.int64)  # SASI received per image, this trainer
-        self.counts: Counter = Counter()  # received, backlogged, dropped_at_end
+        self.counts: Counter = Counter()  # received, arrived_after_end
         self.poll_s = 0.0
         self.saves = 0
         self.finished = False
@@ -291,6 +291,7 @@ class OnlineTrainer:
                                  f"{self.per_image.shape[0]}: resume with the same data settings")
         self.per_image = per_image.copy()
         self.backlog = [(int(b["index"]), int(b["variant"]), b["image"]) for b in state["backlog"]]
+        self.metrics.resumed(step * self.cfg.train.grad_accum)
 
     # ------------------------------------------------------------------ end
     def summary(self, module: Any = None) -> dict:

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from sasi_online.errors import UserInputError
+
 
 @dataclass
 class Roles:
@@ -45,7 +47,10 @@ class Roles:
         return self.trainer_ranks.index(self.rank) if self.is_trainer else -1
 
     def owner_of(self, image_index: int) -> int:
-        """Global rank of the trainer that owns `image_index` (the sampler shards by index mod trainers)."""
+        """A fixed trainer per image index (index mod trainers), for routing without a plan.
+
+        The sampler does not shard by index (any trainer may draw any image): producers
+        route each SASI to the trainer whose batch will hold its image (look-ahead)."""
         return self.trainer_ranks[image_index % self.num_trainers]
 
 
@@ -108,7 +113,7 @@ def setup_roles(num_producers: int) -> Roles:
     world = dist.get_world_size() if distributed else 1
     rank = dist.get_rank() if distributed else 0
     if num_producers < 0 or (num_producers > 0 and num_producers >= world):
-        raise ValueError(
+        raise UserInputError(
             f"online.producers={num_producers} leaves no trainer in a world of {world} rank(s); "
             f"launch more ranks (deepspeed --num_gpus N) or lower online.producers"
         )

@@ -268,7 +268,7 @@ def sample_example_ids(image_id: str | int, variant: int, num_examples: int, see
     """Distinct pool indices, reproducible per (seed, image, variant)."""
     if not 0 <= num_examples <= pool_size:
         raise UserInputError(
-            f"semantics.num_examples={num_examples} must be between 1 and the pool size {pool_size}"
+            f"semantics.num_examples={num_examples} must be between 0 and the pool size {pool_size}"
         )
     rng = random.Random(derive_seed("srp", seed, image_id, variant))
     return rng.sample(range(pool_size), num_examples)

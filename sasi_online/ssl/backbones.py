@@ -61,7 +61,9 @@ class ViTBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
         if h % self.patch_size or w % self.patch_size:
-            raise ValueError(f"ViT input {h}x{w} is not a multiple of the patch size {self.patch_size}")
+            raise UserInputError(f"ViT input {h}x{w} is not a multiple of the patch size {self.patch_size}: "
+                                 f"set data.image_size (and the recipe's local crop size) to a multiple of "
+                                 f"{self.patch_size}")
         vit = self.vit
         x = vit.conv_proj(x)
         gh, gw = x.shape[-2:]

@@ -4,7 +4,9 @@ DeepSpeed writes model, optimizer (ZeRO partitions included) and scheduler state
 own loader calls `torch.load(weights_only=False)`, so the engine's checkpoint engine is
 wrapped to load with `weights_only=True` (a few DeepSpeed enums are allow-listed).
 Beside them each tag folder holds `meta.json` (step, config hash — checked before any
-state is touched) and one `rng_rank{r}.pt` per trainer (python/numpy/torch RNG states).
+state is touched), one `rng_rank{r}.pt` per trainer (python/numpy/torch RNG states) and
+one `client_rank{r}.json` per trainer: state that differs between trainers (its SASI
+outcome counters, its SASI source). DeepSpeed's client state is the first trainer's only.
 """
 from __future__ import annotations
 
@@ -91,8 +93,10 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def save(engine, ckpt_dir: Path, step: int, cfg, client_state: dict, trainer_rank: int, group) -> None:
-    """Collective over the trainer group (DeepSpeed's save is)."""
+def save(engine, ckpt_dir: Path, step: int, cfg, client_state: dict, trainer_rank: int, group,
+         rank_state: Optional[dict] = None) -> None:
+    """Collective over the trainer group (DeepSpeed's save is). `rank_state` (JSON-able)
+    is this trainer's own; `load` returns it merged over the shared `client_state`."""
     tag = tag_of(step)
     folder = ckpt_dir / tag
     if trainer_rank == 0:
@@ -101,6 +105,7 @@ def save(engine, ckpt_dir: Path, step: int, cfg, client_state: dict, trainer_ran
         dist.barrier(group=group)
     torch.save(_rng_state(), folder / f".rng_rank{trainer_rank}.tmp")
     (folder / f".rng_rank{trainer_rank}.tmp").replace(folder / f"rng_rank{trainer_rank}.pt")
+    atomic_write_json(folder / f"client_rank{trainer_rank}.json", rank_state or {})
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
     if dist.is_initialized():
         dist.barrier(group=group)
@@ -155,4 +160,7 @@ def load(engine, ckpt_dir: Path, cfg, trainer_rank: int) -> Optional[dict]:
     rng_file = ckpt_dir / tag / f"rng_rank{trainer_rank}.pt"
     if rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=True))
+    own = ckpt_dir / tag / f"client_rank{trainer_rank}.json"
+    if own.is_file():  # this trainer's counters, not the first trainer's
+        client = {**client, **json.loads(own.read_text())}
     return client

@@ -31,10 +31,29 @@ class MetricsLogger:
                 if isinstance(v, float) and math.isfinite(v):
                     self._writer.add_scalar(k, v, step)
 
+    def drop_after(self, step: int) -> None:
+        """On resume from `step`: drop the records of later steps, which the interrupted run
+        logged after its last checkpoint and the resumed run logs again."""
+        if not self.enabled or not self.path.is_file():
+            return
+        from sasi_online.utils import atomic_write_text
+
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        kept = [x for x in lines if x.strip() and _step_of(x) is not None and _step_of(x) <= step]
+        if len(kept) != len(lines):
+            atomic_write_text(self.path, "".join(x + "\n" for x in kept))
+
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def _step_of(line: str) -> Optional[int]:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None  # a line cut short by the crash
 
 
 def read_metrics(path: Path, key: Optional[str] = None) -> list[dict]:

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sasi_online.errors import UserInputError
 from sasi_online.ssl.heads import mlp
 from sasi_online.ssl.losses import adco_loss
 from sasi_online.ssl.methods.base import Method, make_target
@@ -35,7 +36,7 @@ class AdCo(Method):
         self.target_projector = make_target(self.projector)
         size = self.extra["bank_size"] or cfg.queue_size
         if int(size) < 1:
-            raise ValueError(f"method.extra.bank_size (or method.queue_size) must be >= 1, got {size}")
+            raise UserInputError(f"method.extra.bank_size (or method.queue_size) must be >= 1, got {size}")
         self.memory_bank = nn.Parameter(F.normalize(torch.randn(int(size), cfg.proj_dim), dim=1))
 
     def momentum_pairs(self):

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sasi_online.errors import UserInputError
 from sasi_online.ssl import distributed as D
 from sasi_online.ssl.heads import mlp
 from sasi_online.ssl.losses import info_nce
@@ -32,7 +33,8 @@ class MoCoV2(Method):
         self.target_backbone = make_target(backbone)
         self.target_projector = make_target(self.projector)
         if cfg.queue_size < 1:
-            raise ValueError(f"method.queue_size must be >= 1, got {cfg.queue_size}")
+            raise UserInputError(f"method.queue_size must be >= 1 (a multiple of the global batch, "
+                                 f"e.g. 65536), got {cfg.queue_size}")
         self.register_buffer("queue", F.normalize(torch.randn(cfg.queue_size, cfg.proj_dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         self._pending_keys: list[Tensor] = []
@@ -41,9 +43,12 @@ class MoCoV2(Method):
     @classmethod
     def validate_global_batch(cls, cfg, global_batch: int) -> None:
         queue = cfg.queue_size
+        if queue < 1:  # 0 or a negative multiple would pass the divisibility test below
+            raise UserInputError(f"method.queue_size must be >= 1 (a multiple of the global batch "
+                                 f"{global_batch}), got {queue}")
         if global_batch < 1 or queue % global_batch:
             lower = (queue // global_batch) * global_batch if global_batch >= 1 else 0
-            raise ValueError(
+            raise UserInputError(
                 f"method.queue_size={queue} is not a multiple of the global batch {global_batch} "
                 f"(per-trainer batch x trainers): each step replaces one global batch of keys, so "
                 f"set method.queue_size to a multiple of {global_batch} (e.g. {max(lower, global_batch)}) "

@@ -19,8 +19,12 @@ class MoCoV3(Method):
     def __init__(self, cfg, backbone: nn.Module, feat_dim: int):
         super().__init__(cfg, backbone, feat_dim)
         h, d = cfg.proj_hidden, cfg.proj_dim
-        self.projector = mlp([feat_dim, h, h, d], last_norm="bn_noaffine")
-        self.predictor = mlp([d, cfg.pred_hidden, d], last_norm="bn_noaffine")
+        # MoCo-v3's published heads differ by backbone: ViTs get a 3-layer projector and a
+        # predictor ending in BatchNorm; ResNets a 2-layer projector and a predictor without
+        # the last BatchNorm (moco-v3 main_moco.py: MoCo_ViT / MoCo_ResNet).
+        vit = str(cfg.backbone).startswith("vit")
+        self.projector = mlp([feat_dim, h, h, d] if vit else [feat_dim, h, d], last_norm="bn_noaffine")
+        self.predictor = mlp([d, cfg.pred_hidden, d], last_norm="bn_noaffine" if vit else "none")
         self.target_backbone = make_target(backbone)
         self.target_projector = make_target(self.projector)
 

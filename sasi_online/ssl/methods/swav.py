@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sasi_online.errors import UserInputError
 from sasi_online.ssl import distributed as D
 from sasi_online.ssl.heads import Prototypes, mlp
 from sasi_online.ssl.losses import sinkhorn_knopp, swav_loss
@@ -34,7 +35,7 @@ class SwAV(Method):
         self.prototypes.normalize()
         length = int(self.extra["queue_length"])
         if length < 0:
-            raise ValueError(f"method.extra.queue_length must be >= 0, got {length}")
+            raise UserInputError(f"method.extra.queue_length must be >= 0 (0 = no queue), got {length}")
         # One queue per assigned (global) view; `queue_count` = rows filled so far.
         self.register_buffer("queue", torch.zeros(self.num_global_views, length, cfg.proj_dim))
         self.register_buffer("queue_count", torch.zeros((), dtype=torch.long))
