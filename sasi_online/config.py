@@ -143,9 +143,10 @@ class MethodConfig:
     # DINO student 0.1, AdCo 0.12; ignored by the others).
     temperature: Optional[float] = None
     # Base EMA momentum of target networks; None = the method's own (MoCo-v2 0.999,
-    # MoCo-v3 0.99, BYOL/DINO 0.996, AdCo 0.99). Rises to momentum_final along a cosine.
+    # MoCo-v3 0.99, BYOL/DINO 0.996, AdCo 0.99). Rises to momentum_final along a cosine;
+    # momentum_final None = the method's own (1.0 for BYOL/DINO/MoCo-v3, constant for MoCo-v2/AdCo).
     momentum: Optional[float] = None
-    momentum_final: float = 1.0
+    momentum_final: Optional[float] = None
     shuffle_bn: bool = False  # MoCo-v2: shuffle the key batch across trainers (split batches in one process)
     num_prototypes: int = 300  # SwAV / DINO output size
     local_crops: int = 0  # multi-crop

@@ -431,3 +431,17 @@ def test_mocov3_heads_follow_the_published_layout_per_backbone():
     vit = make("mocov3", backbone="vit_small")
     assert sum(isinstance(m, nn.Linear) for m in vit.projector) == 3
     assert isinstance(vit.predictor[-1], nn.BatchNorm1d)
+    # Published temperatures: 1.0 for ResNets, 0.2 for ViTs; a configured value wins.
+    assert make("mocov3", backbone="resnet18", temperature=None).temperature == 1.0
+    assert make("mocov3", backbone="vit_small", temperature=None).temperature == 0.2
+    assert make("mocov3", backbone="resnet18", temperature=0.5).temperature == 0.5
+
+
+def test_momentum_schedules_follow_each_methods_published_default():
+    # MoCo-v2 and AdCo keep a fixed momentum; BYOL-style methods rise to 1 along a cosine.
+    for name in ("mocov2", "adco"):
+        m = make(name)
+        assert m.momentum_at(0, 100) == m.momentum_at(99, 100) == m.base_momentum
+    byol = make("byol")
+    assert byol.momentum_at(0, 100) == byol.base_momentum < byol.momentum_at(50, 100) < 1.0
+    assert make("mocov2", momentum_final=1.0).momentum_at(50, 100) > 0.999  # configured wins

@@ -90,7 +90,7 @@ class Captioner:
         return [clean_caption(t, self.sep) for t in texts]
 
     def _key(self, image_id: Any) -> str:
-        return f"{image_id}|{self.sep}|{self.model_hash}"
+        return f"{image_id}|{self.sep}|{self.max_new_tokens}|{self.model_hash}"  # all that shapes the text
 
     def caption(self, images: Sequence[Any], image_ids: Optional[Sequence[Any]] = None,
                 progress: bool = False) -> list[str]:

@@ -26,6 +26,7 @@ class AdCo(Method):
     name = "adco"
     default_temperature = 0.12
     default_momentum = 0.99
+    default_momentum_final = None  # a fixed momentum, as MoCo-v2
     extra_defaults = {"mem_temperature": 0.02, "mem_lr": 3.0, "mem_weight_decay": 1e-4,
                       "bank_size": None, "symmetric": False}
 

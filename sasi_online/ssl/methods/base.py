@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import difflib
 import math
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -70,6 +70,8 @@ class Method(nn.Module):
     extra_defaults: dict[str, Any] = {}
     default_temperature: float = 0.2  # used when method.temperature is None
     default_momentum: float = 0.99  # used when method.momentum is None
+    # where the EMA momentum ends when method.momentum_final is None; None keeps it constant
+    default_momentum_final: Optional[float] = 1.0
 
     def __init__(self, cfg: MethodConfig, backbone: nn.Module, feat_dim: int):
         super().__init__()
@@ -107,7 +109,8 @@ class Method(nn.Module):
         return [g for g in groups + special if g["params"]]
 
     def momentum_at(self, step: int, total_steps: int) -> float:
-        return cosine_momentum(self.base_momentum, self.cfg.momentum_final, step, total_steps)
+        final = self.cfg.momentum_final if self.cfg.momentum_final is not None else self.default_momentum_final
+        return cosine_momentum(self.base_momentum, self.base_momentum if final is None else final, step, total_steps)
 
     @classmethod
     def validate_global_batch(cls, cfg: MethodConfig, global_batch: int) -> None:

@@ -24,6 +24,7 @@ class MoCoV2(Method):
     name = "mocov2"
     default_temperature = 0.2
     default_momentum = 0.999
+    default_momentum_final = None  # MoCo-v2 keeps its key-encoder momentum fixed
     extra_defaults = {"symmetric": False, "bn_splits": 2}
 
     def __init__(self, cfg, backbone: nn.Module, feat_dim: int):

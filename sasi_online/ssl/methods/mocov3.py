@@ -23,6 +23,8 @@ class MoCoV3(Method):
         # predictor ending in BatchNorm; ResNets a 2-layer projector and a predictor without
         # the last BatchNorm (moco-v3 main_moco.py: MoCo_ViT / MoCo_ResNet).
         vit = str(cfg.backbone).startswith("vit")
+        if cfg.temperature is None and not vit:
+            self.temperature = 1.0  # the published ResNet default (--moco-t 1.0); ViTs use 0.2
         self.projector = mlp([feat_dim, h, h, d] if vit else [feat_dim, h, d], last_norm="bn_noaffine")
         self.predictor = mlp([d, cfg.pred_hidden, d], last_norm="bn_noaffine" if vit else "none")
         self.target_backbone = make_target(backbone)
