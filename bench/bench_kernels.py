@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch.nn.functional as F  # noqa: E402
 
 from sasi_online.kernels import (AugRecipe, guided_step_torch, guided_step_triton,  # noqa: E402
-                                 infonce_saved_bytes, infonce_torch, infonce_triton,
+                                 infonce_held_bytes, infonce_saved_bytes, infonce_torch, infonce_triton,
                                  ring_augment_torch, ring_augment_triton, sample_aug_params)
 from sasi_online.utils import atomic_write_json, atomic_write_text  # noqa: E402
 
@@ -113,20 +113,6 @@ def bench_ring_augment(device, cases, iters):
     return rows
 
 
-def _bytes_held_for_backward(fn, q, k, queue, temperature):
-    inputs = {t.data_ptr() for t in (q, k, queue)}
-    held = {}
-
-    def pack(t):
-        if t.data_ptr() not in inputs:
-            held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(q, k, queue, temperature)
-    return sum(held.values())
-
-
 def _fwd_bwd(fn, q, k, queue):
     q.grad = None
     fn(q, k, queue, 0.2).backward()
@@ -164,8 +150,8 @@ def bench_infonce(device, shapes, iters):
                "loss_abs_diff": max_diff(loss_f, loss_t),
                "grad_q_max_abs_diff": max_diff(dq_f, dq_t),
                "held_for_backward_bytes": {
-                   "torch": _bytes_held_for_backward(infonce_torch, q, k, queue, 0.2),
-                   "triton": _bytes_held_for_backward(infonce_triton, q, k, queue, 0.2)},
+                   "torch": infonce_held_bytes(infonce_torch, q, k, queue, 0.2),
+                   "triton": infonce_held_bytes(infonce_triton, q, k, queue, 0.2)},
                "accounting_bytes": {"torch": infonce_saved_bytes(b, kq, d, "torch"),
                                     "triton": infonce_saved_bytes(b, kq, d, "triton",
                                                                   splits=splits)}}

@@ -11,14 +11,14 @@ from ._triton import TritonUnavailableError
 from .dispatch import (BackendChoice, augment_views, choose_backend, guided_scheduler_step,
                        guided_step_fused, infonce_loss, last_choice)
 from .guided_step import StepScalars, guided_step_torch, guided_step_triton, step_scalars
-from .infonce import infonce_saved_bytes, infonce_torch, infonce_triton
+from .infonce import infonce_held_bytes, infonce_saved_bytes, infonce_torch, infonce_triton
 from .ring_augment import (AugParams, AugRecipe, ring_augment_torch, ring_augment_triton,
                            sample_aug_params)
 
 __all__ = [
     "AugParams", "AugRecipe", "BackendChoice", "StepScalars", "TritonUnavailableError",
     "augment_views", "choose_backend", "guided_scheduler_step", "guided_step_fused",
-    "guided_step_torch", "guided_step_triton", "infonce_loss", "infonce_saved_bytes",
+    "guided_step_torch", "guided_step_triton", "infonce_held_bytes", "infonce_loss", "infonce_saved_bytes",
     "infonce_torch", "infonce_triton", "last_choice", "ring_augment_torch",
     "ring_augment_triton", "sample_aug_params", "step_scalars",
 ]

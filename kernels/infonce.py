@@ -231,3 +231,20 @@ def infonce_saved_bytes(b: int, k: int, d: int, backend: str, itemsize: int = 4,
         return {"held_for_backward": 2 * b * 4,
                 "backward_transient": splits * b * d * 4 + 2 * b * d * itemsize}
     raise UserInputError(f"backend={backend!r}: expected 'torch' or 'triton'.")
+
+
+def infonce_held_bytes(fn, q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor,
+                       temperature: float) -> int:
+    """Bytes autograd keeps between `fn`'s forward and backward, its inputs excluded —
+    measured with saved-tensor hooks, to check `infonce_saved_bytes`' accounting."""
+    inputs = {t.data_ptr() for t in (q, k, queue)}
+    held = {}
+
+    def pack(t):
+        if t.data_ptr() not in inputs:
+            held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(q, k, queue, temperature)
+    return sum(held.values())

@@ -25,7 +25,7 @@ from sasi_online.errors import UserInputError  # noqa: E402
 from sasi_online.kernels import (AugParams, AugRecipe, augment_views,  # noqa: E402
                                  choose_backend, guided_scheduler_step, guided_step_fused,
                                  guided_step_torch, guided_step_triton, infonce_loss,
-                                 infonce_saved_bytes, infonce_torch, infonce_triton,
+                                 infonce_held_bytes, infonce_saved_bytes, infonce_torch, infonce_triton,
                                  last_choice, ring_augment_torch, ring_augment_triton,
                                  sample_aug_params, step_scalars)
 from sasi_online.kernels._triton import interpret_mode  # noqa: E402
@@ -349,27 +349,13 @@ def test_infonce_triton_matches_torch_values_and_gradients(triton_here, b, k, d)
     torch.testing.assert_close(dq_only, want_dq / 3.0, rtol=1e-4, atol=1e-6)
 
 
-def _bytes_held_for_backward(fn, q, k, queue):
-    inputs = {t.data_ptr() for t in (q, k, queue)}
-    held = {}
-
-    def pack(t):
-        if t.data_ptr() not in inputs:
-            held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(q, k, queue, 0.1)
-    return sum(held.values())
-
-
 def test_infonce_triton_keeps_no_logits_for_backward(triton_here):
     if not triton_here:
         return
     b, k, d = 8, 300, 16
     q, key, queue = _qkq(b, k, d)
-    ref = _bytes_held_for_backward(infonce_torch, q, key.detach(), queue)
-    fused = _bytes_held_for_backward(infonce_triton, q, key.detach(), queue)
+    ref = infonce_held_bytes(infonce_torch, q, key.detach(), queue, 0.1)
+    fused = infonce_held_bytes(infonce_triton, q, key.detach(), queue, 0.1)
     assert ref >= infonce_saved_bytes(b, k, d, "torch")["held_for_backward"] == b * (1 + k) * 4
     assert fused == infonce_saved_bytes(b, k, d, "triton")["held_for_backward"] == 2 * b * 4
 

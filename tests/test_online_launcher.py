@@ -5,49 +5,25 @@ then a run whose producer loop dies mid-run. Checked from what the runs leave on
 online_summary.json, metrics.jsonl, the per-rank ring and producer states of each checkpoint.
 """
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _multirank import free_port, run_ranks
 
-REPO = Path(__file__).resolve().parents[1]
 BATCH = 8  # per trainer
 COMMON = ["train.batch_size=8", "train.log_every=2", "train.knn_every=1000", "train.knn_bank=100",
           "train.knn_test=100", "train.zero_stage=1", "generation.text=class_name", "generation.steps=2",
           "generation.batch_size=8", "online.lookahead=6", "online.start_sasi=8", "online.max_age=50"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(zoo, out, *overrides, timeout=240):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
-    shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "3", "--master_port", str(_free_port()), "sasi_online/train.py",
-           "--config", "configs/online_tiny.yaml", f"models.root={zoo}", f"train.out={out}", *COMMON, *overrides]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its three ranks
-        log, _ = proc.communicate()
-    finally:  # only what DeepSpeed left during this run (its shm op is disabled by the trainer)
-        for leftover in set(os.listdir("/dev/shm")) - shm_before if os.path.isdir("/dev/shm") else []:
-            if "deepspeed" in leftover.lower():
-                try:
-                    os.unlink(os.path.join("/dev/shm", leftover))
-                except OSError:
-                    pass
-    assert proc.returncode == 0, log[-4000:]
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "3", "--master_port", str(free_port()),
+           "sasi_online/train.py", "--config", "configs/online_tiny.yaml", f"models.root={zoo}", f"train.out={out}",
+           *COMMON, *overrides]
+    code, log = run_ranks(cmd, timeout)
+    assert code == 0, log[-4000:]
     return log
 
 

@@ -8,9 +8,6 @@ test (`python -m torch.distributed.run --nproc_per_node 2 tests/test_train.py ..
 """
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,6 +21,7 @@ if str(REPO) not in sys.path:
 
 from sasi_online.config import config_from_dict  # noqa: E402
 from sasi_online.errors import UserInputError  # noqa: E402
+from _multirank import free_port, run_ranks  # noqa: E402
 
 
 def tiny_backbone(width: int = 16) -> tuple[nn.Module, int]:
@@ -185,29 +183,11 @@ def _two_rank_worker(out: str) -> None:
 
 
 def test_two_rank_deepspeed_parameters_agree(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
-    shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
-    with socket.socket() as s:  # a free port: torchrun's static rendezvous cannot take 0
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-         str(Path(__file__).resolve()), str(tmp_path / "run")],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
-        _, stderr = proc.communicate()
-    # The trainer disables DeepSpeed's shm comm op; remove anything of DeepSpeed's that a
-    # future version might still leave (only files that appeared during this run).
-    for leftover in set(os.listdir("/dev/shm")) - shm_before if os.path.isdir("/dev/shm") else []:
-        if "deepspeed" in leftover.lower():
-            try:
-                os.unlink(os.path.join("/dev/shm", leftover))
-            except OSError:
-                pass
-    assert proc.returncode == 0, stderr[-3000:]
+    # torchrun's static rendezvous cannot take port 0: pick a free one
+    code, log = run_ranks([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(free_port()), str(Path(__file__).resolve()), str(tmp_path / "run")],
+                          timeout=240)
+    assert code == 0, log[-3000:]
     p0 = torch.load(tmp_path / "run/params_rank0.pt", weights_only=True)
     p1 = torch.load(tmp_path / "run/params_rank1.pt", weights_only=True)
     assert torch.allclose(p0, p1, rtol=1e-6, atol=1e-6)

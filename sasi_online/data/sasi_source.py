@@ -51,27 +51,21 @@ def _record_field(record: Any, name: str, default=None):
     return getattr(record, name, default)
 
 
-class StoreSource:
-    """A random non-fishy variant of each image from a SASI store.
+class _VariantSource:
+    """Draws one usable variant per image at random and counts each outcome.
 
-    `vp_kind` restricts the variants (e.g. 'noise' for the `direct` pair mode, whose SASI
-    come from the caption alone). The caption-only kinds ('noise' and 'direct', which
-    `sasi generate --vp-kind direct` writes) stand for each other.
-    """
+    Subclasses say which variants of an image are usable (`_usable_variants`) and load
+    one (`_image`, None when it cannot be had)."""
 
-    def __init__(self, store: Any, vp_kind: Optional[str] = None):
-        self.store = store
-        self.vp_kind = vp_kind
-        self._kinds = None if vp_kind is None else (
-            CAPTION_ONLY_KINDS if vp_kind in CAPTION_ONLY_KINDS else (vp_kind,))
+    def __init__(self) -> None:
         self.counts: Counter = Counter()
 
     def _usable_variants(self, index: int) -> tuple[list[int], int]:
-        records = list(self.store.variants(index))
-        if self._kinds is not None:
-            records = [r for r in records if _record_field(r, "vp_kind", self.vp_kind) in self._kinds]
-        ids = [_variant_id(r) for r in records]
-        return [v for v in ids if not self.store.is_fishy(index, v)], len(ids)
+        """(usable variant ids, number of variants before the fishy ones are dropped)."""
+        raise NotImplementedError
+
+    def _image(self, index: int, variant: int) -> Optional[np.ndarray]:
+        raise NotImplementedError
 
     def get(self, indices: list[int], rng: np.random.Generator) -> list[SasiHit]:
         hits = []
@@ -81,48 +75,61 @@ class StoreSource:
                 hit = SasiHit(None, FISHY if total else MISSING)
             else:
                 variant = usable[int(rng.integers(len(usable)))]
-                image = self.store.get(int(index), variant)
-                hit = SasiHit(None, MISSING) if image is None else SasiHit(
-                    np.asarray(image.convert("RGB")), HIT, variant)
+                image = self._image(int(index), variant)
+                hit = SasiHit(None, MISSING) if image is None else SasiHit(image, HIT, variant)
             self.counts[hit.outcome] += 1
             hits.append(hit)
         return hits
 
     def state_dict(self) -> dict:
-        # The store itself is on disk; only the counters belong to the run.
+        # SASI themselves live on disk or with the caller; only the counters belong to the run.
         return {"counts": dict(self.counts)}
 
     def load_state_dict(self, state: dict) -> None:
         self.counts = Counter(state.get("counts", {}))
 
 
-class ArraySource:
+class StoreSource(_VariantSource):
+    """A random non-fishy variant of each image from a SASI store.
+
+    `vp_kind` restricts the variants (e.g. 'noise' for the `direct` pair mode, whose SASI
+    come from the caption alone). The caption-only kinds ('noise' and 'direct', which
+    `sasi generate --vp-kind direct` writes) stand for each other.
+    """
+
+    def __init__(self, store: Any, vp_kind: Optional[str] = None):
+        super().__init__()
+        self.store = store
+        self.vp_kind = vp_kind
+        self._kinds = None if vp_kind is None else (
+            CAPTION_ONLY_KINDS if vp_kind in CAPTION_ONLY_KINDS else (vp_kind,))
+
+    def _usable_variants(self, index: int) -> tuple[list[int], int]:
+        records = list(self.store.variants(index))
+        if self._kinds is not None:
+            records = [r for r in records if _record_field(r, "vp_kind", self.vp_kind) in self._kinds]
+        ids = [_variant_id(r) for r in records]
+        return [v for v in ids if not self.store.is_fishy(index, v)], len(ids)
+
+    def _image(self, index: int, variant: int) -> Optional[np.ndarray]:
+        image = self.store.get(index, variant)
+        return None if image is None else np.asarray(image.convert("RGB"))
+
+
+class ArraySource(_VariantSource):
     """SASI held in memory, {image index: [HWC uint8 arrays]} with optional fishy flags.
 
     For tests and small experiments; behaves like `StoreSource`.
     """
 
     def __init__(self, images: dict[int, list[np.ndarray]], fishy: Optional[set] = None):
+        super().__init__()
         self.images = images
         self.fishy = fishy or set()
-        self.counts: Counter = Counter()
 
-    def get(self, indices: list[int], rng: np.random.Generator) -> list[SasiHit]:
-        hits = []
-        for index in indices:
-            variants = self.images.get(int(index), [])
-            usable = [v for v in range(len(variants)) if (int(index), v) not in self.fishy]
-            if usable:
-                v = usable[int(rng.integers(len(usable)))]
-                hit = SasiHit(variants[v], HIT, v)
-            else:
-                hit = SasiHit(None, FISHY if variants else MISSING)
-            self.counts[hit.outcome] += 1
-            hits.append(hit)
-        return hits
+    def _usable_variants(self, index: int) -> tuple[list[int], int]:
+        variants = self.images.get(index, [])
+        return [v for v in range(len(variants)) if (index, v) not in self.fishy], len(variants)
 
-    def state_dict(self) -> dict:
-        return {"counts": dict(self.counts)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.counts = Counter(state.get("counts", {}))
+    def _image(self, index: int, variant: int) -> Optional[np.ndarray]:
+        return self.images[index][variant]
