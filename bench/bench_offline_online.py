@@ -1,4 +1,4 @@
-"""The same training three ways: no SASI, an offline store made first, online producers.
+"""The same training four ways: no SASI, an offline store, online producers, co-located.
 
     python bench/bench_offline_online.py --zoo tiny-zoo --out bench_results/offline_online \
         [--config configs/online_tiny.yaml] [--steps 60] [--limit 512] [--variants 1] [--gpus N]
@@ -7,10 +7,14 @@ Same config, steps, seeds and dataset (`data.limit` images) in every way:
   none     pair_mode=base, one trainer rank;
   offline  `--variants` SASI per image generated into a store first (timed), then one
            trainer rank with pair_mode from the config reading the store;
-  online   `online.producers` producer ranks beside one trainer rank (deepspeed launcher).
+  online   `online.producers` producer ranks beside one trainer rank (deepspeed launcher);
+  colocated  the trainer ranks only, each making its own SASI between steps
+           (online.mode=colocated, one batch every `--colocated-every` micro-steps: the
+           one-GPU way).
 Reported per way: trainer images/s (mean over logged intervals), trainer wait per step
 (data_wait_s), total wall-clock including generation, and distinct SASI per image seen by
-the run. The online/offline trainer-throughput ratio is stated, not asserted.
+the run. The online/offline and colocated/none trainer-throughput ratios are stated, not
+asserted (a co-located trainer spends part of its time generating, by design).
 Writes offline_online.json, offline_online.md and offline_online.png into --out after
 each way, so an interrupted run keeps what finished.
 """
@@ -76,6 +80,11 @@ def _write(out: Path, results: dict) -> None:
         lines.append("")
         lines.append(f"Online / offline trainer throughput: {results['online_over_offline_throughput']:.2f}x "
                      f"(stated, not asserted; {results['note']})")
+    if "colocated_over_none_throughput" in results:
+        lines.append("")
+        lines.append(f"Co-located / no-SASI trainer throughput: {results['colocated_over_none_throughput']:.2f}x "
+                     f"(stated, not asserted: the trainer also generates, one batch every "
+                     f"{results['colocated_every']} micro-steps)")
     atomic_write_text(out / "offline_online.md", "\n".join(lines) + "\n")
 
     import matplotlib
@@ -88,7 +97,7 @@ def _write(out: Path, results: dict) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(10, 3.2))
     for ax, key, title in zip(axes, ("trainer_images_per_s", "wall_s", "sasi_per_image"),
                               ("trainer images/s", "wall-clock s (incl. generation)", "distinct SASI / image")):
-        ax.bar(names, [ways[n][key] for n in names], color=["tab:gray", "tab:blue", "tab:orange"][:len(names)])
+        ax.bar(names, [ways[n][key] for n in names], color=["tab:gray", "tab:blue", "tab:orange", "tab:green"][:len(names)])
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
     save_figure(fig, out / "offline_online.png")
@@ -103,6 +112,7 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=512, help="dataset images used by every way")
     ap.add_argument("--variants", type=int, default=1, help="offline SASI per image (the paper: 1-3)")
     ap.add_argument("--trainers", type=int, default=1)
+    ap.add_argument("--colocated-every", type=int, default=1, help="co-located way: online.colocated_every")
     ap.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = ap.parse_args(argv)
 
@@ -155,6 +165,20 @@ def main(argv=None) -> int:
     results["online_over_offline_throughput"] = results["ways"]["online"]["trainer_images_per_s"] / max(off, 1e-9)
     results["note"] = ("on a shared CPU producers and trainers compete for the same cores; on GPUs each "
                        "role has its own device")
+    _write(out, results)
+
+    # 4. co-located: no producer ranks; each trainer makes its own SASI between steps
+    run = out / "colocated"
+    wall = _launch(args.trainers, args.config,
+                   common + [f"train.out={run}", "online.mode=colocated", "online.producers=0",
+                             f"online.colocated_every={args.colocated_every}", "train.resume=false"])
+    fig = _train_figures(run)
+    results["ways"]["colocated"] = {**fig, "wall_s": wall,
+                                    "sasi_per_image": float(fig["last"].get("online/sasi_per_image_mean", 0.0)),
+                                    "hit_rate_total": float(fig["last"].get("online/hit_rate_total", 0.0))}
+    none = results["ways"]["none"]["trainer_images_per_s"]
+    results["colocated_every"] = args.colocated_every
+    results["colocated_over_none_throughput"] = fig["trainer_images_per_s"] / max(none, 1e-9)
     _write(out, results)
     print((out / "offline_online.md").read_text())
     return 0

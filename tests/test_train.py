@@ -1,13 +1,12 @@
-"""The trainer: exact resume, non-finite stop, refusals, two DeepSpeed ranks, and a few
-dozen steps of every method on the embedded data.
+"""The trainer: exact resume, non-finite stop, refusals, and a few dozen steps of every
+method on the embedded data. (Two DeepSpeed ranks: tests/test_groups.py, on a world that
+refuses CPU tensors as NCCL does.)
 
 Methods run on a tiny real CNN backbone (passed through `method_factory`) so each run
 takes seconds; everything else (DeepSpeed engine, pairs, augmentation, checkpoints) is
-the production path. Run as a script, this file is the per-rank worker of the two-rank
-test (`python -m torch.distributed.run --nproc_per_node 2 tests/test_train.py ...`).
+the production path.
 """
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -21,7 +20,6 @@ if str(REPO) not in sys.path:
 
 from sasi_online.config import config_from_dict  # noqa: E402
 from sasi_online.errors import UserInputError  # noqa: E402
-from _multirank import free_port, run_ranks  # noqa: E402
 
 
 def tiny_backbone(width: int = 16) -> tuple[nn.Module, int]:
@@ -121,7 +119,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
             with torch.no_grad():
                 next(method.backbone.parameters()).fill_(float("nan"))
 
-    cfg = tiny_cfg(tmp_path / "run", train={"steps": 6})
+    # log_every=5: the loss stays on the device until the checkpoint at step 4 checks it
+    cfg = tiny_cfg(tmp_path / "run", train={"steps": 6, "log_every": 5})
     with pytest.raises(NonFiniteLossError, match="step_0000002"):
         _train(cfg, step_callback=poison)
     latest = json.loads((tmp_path / "run/checkpoints/latest.json").read_text())
@@ -171,32 +170,6 @@ def test_unknown_config_key_refused_by_the_command(tmp_path, capsys):
     assert "Did you mean 'train.steps'" in capsys.readouterr().err
 
 
-def _two_rank_worker(out: str) -> None:
-    """Per-rank body of the two-rank test (run under torch.distributed.run)."""
-    from sasi_online.train import train
-
-    cfg = tiny_cfg(out, train={"zero_stage": 1, "steps": 3, "batch_size": 16, "ckpt_every": 3})
-    captured = {}
-    train(cfg, method_factory=tiny_method,
-          step_callback=lambda step, m: captured.update(params=torch.cat([p.detach().flatten() for p in m.parameters()])))
-    torch.save(captured["params"], Path(out) / f"params_rank{os.environ['RANK']}.pt")
-
-
-def test_two_rank_deepspeed_parameters_agree(tmp_path):
-    # torchrun's static rendezvous cannot take port 0: pick a free one
-    code, log = run_ranks([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(free_port()), str(Path(__file__).resolve()), str(tmp_path / "run")],
-                          timeout=240)
-    assert code == 0, log[-3000:]
-    p0 = torch.load(tmp_path / "run/params_rank0.pt", weights_only=True)
-    p1 = torch.load(tmp_path / "run/params_rank1.pt", weights_only=True)
-    assert torch.allclose(p0, p1, rtol=1e-6, atol=1e-6)
-    assert (tmp_path / "run/checkpoints/step_0000003/meta.json").is_file()
-    # only the first trainer logs, once per step
-    rows = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
-
-
 # method -> (extra method/augment settings) for a few dozen steps without collapse
 METHOD_SETTINGS = {
     "mocov2": {},
@@ -229,11 +202,6 @@ def test_each_method_trains_without_collapse(tmp_path, name):
     assert all(torch.isfinite(torch.tensor(v)) for v in result.losses.values())
     assert result.last_eval["feature_std"] > STD_FLOOR, result.last_eval
     assert result.last_eval["knn_acc"] > KNN_FLOOR, result.last_eval
-
-
-if __name__ == "__main__":
-    torch.set_num_threads(1)
-    _two_rank_worker(sys.argv[1])
 
 
 def _make_store(root, dataset, fishy_every=6):

@@ -30,6 +30,11 @@ def launch_train(config: str, ranks: int, overrides: list[str]) -> dict:
 
         if not torch.cuda.is_available():
             env["DS_ACCELERATOR"] = "cpu"  # --num_gpus then counts CPU processes
+        else:  # refused here, before any rank starts, rather than by NCCL inside every rank
+            from sasi_online.online.roles import check_devices
+
+            mode = next((o.split("=", 1)[1] for o in overrides if o.startswith("online.mode=")), "launched")
+            check_devices(mode, ranks, torch.cuda.device_count())
     except ImportError:
         pass
     # the `deepspeed` command, run through this interpreter so that PATH does not matter

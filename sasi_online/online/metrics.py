@@ -1,7 +1,8 @@
 """Online metrics for the trainer's logger (JSONL + TensorBoard) and progress line.
 
-`OnlineMetrics.record()` is collective over the trainer group (call it on every trainer
-at the same logged steps); it returns one flat dict of floats:
+`OnlineMetrics.record()` is collective over the trainers' gloo control group (call it on
+every trainer at the same logged steps; host values only, nothing on the model plane);
+it returns one flat dict of floats:
   online/hit_rate, draw_rate, store_rate, fallback_rate   this interval, over all trainers
   online/hit_rate_total                                   since the start of the run
   online/ring_fill, ring_bytes, backlog                   ring state (mean / per trainer)
@@ -17,9 +18,8 @@ import time
 from typing import Any
 
 import numpy as np
-import torch
-import torch.distributed as dist
 
+from .groups import control_reduce
 from .ring_source import FALLBACK, OUTCOMES, POOL_DRAW, RING_HIT, STORE
 
 
@@ -28,9 +28,8 @@ def _percentile(values, q: float) -> float:
 
 
 class OnlineMetrics:
-    def __init__(self, online: Any, group: Any = None):
+    def __init__(self, online: Any):
         self.online = online
-        self.group = group
         self._last_outcomes = np.zeros(len(OUTCOMES))  # this trainer's counts at the last record
         self._last_generated = 0.0
         self._last_t = time.perf_counter()
@@ -38,11 +37,9 @@ class OnlineMetrics:
         self._last_steps = 0
         self._age_seen = 0
 
-    def _sum(self, values: np.ndarray) -> np.ndarray:
-        t = torch.from_numpy(np.asarray(values, dtype=np.float64).copy())
-        if dist.is_initialized():
-            dist.all_reduce(t, group=self.group)
-        return t.numpy()
+    @staticmethod
+    def _sum(values: np.ndarray) -> np.ndarray:
+        return control_reduce(values, "sum")
 
     def resumed(self, micro_step: int) -> None:
         """After a resume: the first interval starts here, not at the run's step 0 (the
@@ -62,7 +59,7 @@ class OnlineMetrics:
         per_image = self._sum(o.per_image)
         n = max(delta.sum(), 1.0)
         now = time.perf_counter()
-        prod = [o.coord.producer_stats(i) for i in range(len(o.roles.producer_ranks))]
+        prod = o.producer_stats()
         generated = float(sum(p.get("generated", 0) for p in prod))
         # SASI/s from what producers made in this process: a resumed producer's totals start high
         generated_now = float(sum(p.get("generated_this_run", p.get("generated", 0)) for p in prod))

@@ -10,9 +10,14 @@ producer busy with a long generation batch never stalls a trainer step:
               producer then resumes. The checkpoint is a quiet point: every SASI generated
               before it is in a ring, a backlog or a producer's outbox — never in flight;
 - `done`      each trainer reports the end of its steps; producers send STOP and finish;
+- `drained`   each trainer reports it took every message up to every producer's STOP;
+- `end`       every rank arrives; the first trainer (it hosts the store) leaves last;
 - stats       each producer publishes its counters (SASI made, failures, busy time) as JSON.
 
-Counters use `store.add(key, 0)`, which never blocks (a missing key reads as 0).
+No wait here blocks: counters use `store.add(key, 0)` (a missing key reads as 0) and keys
+are checked before they are read, polled with a short sleep. A blocking `store.get` or a
+barrier would run into the process groups' timeout whenever one peer is slow (a producer
+loading models for minutes, or inside a long batch at a quiet point).
 """
 from __future__ import annotations
 
@@ -52,15 +57,20 @@ class Coordination:
         return int(self.store.add(f"{_P}/saves_announced", 0))
 
     def save_step(self, k: int) -> int:
-        return int(self.store.get(f"{_P}/save/{k}/step"))
+        return int(self._poll_get(f"{_P}/save/{k}/step"))
 
     def report_sent(self, k: int, producer: int, sent: dict[int, int]) -> None:
         """Producer: state written, sending paused; messages sent to each trainer so far."""
         self.store.set(f"{_P}/save/{k}/sent/{producer}", json.dumps({str(t): n for t, n in sent.items()}))
 
+    def _poll_get(self, key: str) -> bytes:
+        while not self.store.check([key]):
+            time.sleep(self.poll_s)
+        return self.store.get(key)
+
     def sent_by(self, k: int, producer: int) -> dict[int, int]:
-        """Trainer: waits (store.get blocks) until `producer` has reported for save k."""
-        return {int(t): n for t, n in json.loads(self.store.get(f"{_P}/save/{k}/sent/{producer}")).items()}
+        """Trainer: waits (polling) until `producer` has reported for save k."""
+        return {int(t): n for t, n in json.loads(self._poll_get(f"{_P}/save/{k}/sent/{producer}")).items()}
 
     def mark_saved(self, k: int) -> None:
         self.store.add(f"{_P}/save/{k}/done", 1)
@@ -76,6 +86,25 @@ class Coordination:
 
     def trainers_done(self) -> bool:
         return int(self.store.add(f"{_P}/trainers_done", 0)) >= self.num_trainers
+
+    def trainer_drained(self) -> None:
+        self.store.add(f"{_P}/trainers_drained", 1)
+
+    def wait_drained(self) -> None:
+        """Producer: until every trainer took every message up to this producer's STOP."""
+        while int(self.store.add(f"{_P}/trainers_drained", 0)) < self.num_trainers:
+            time.sleep(self.poll_s)
+
+    def meet_at_end(self, rank: int, world: int) -> None:
+        """Every rank arrives; then each leaves. Rank 0 hosts the store, so it waits until
+        every other rank has also stopped reading it ("left")."""
+        self.store.add(f"{_P}/end/arrived", 1)
+        while int(self.store.add(f"{_P}/end/arrived", 0)) < world:
+            time.sleep(self.poll_s)
+        self.store.add(f"{_P}/end/left", 1)
+        if rank == 0:
+            while int(self.store.add(f"{_P}/end/left", 0)) < world:
+                time.sleep(self.poll_s)
 
     # ------------------------------------------------------------------ producer stats
     def publish_stats(self, producer: int, stats: dict) -> None:

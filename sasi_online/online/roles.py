@@ -1,16 +1,18 @@
 """Rank roles for one launch: trainers first, producers on the last ranks.
 
-Trainers get their own process group, and DeepSpeed gets an `mpu` that confines data
-parallelism to it (without one `deepspeed.initialize` waits for producers that never
-join). Producers sit on the last ranks because DeepSpeed writes `latest` and
-`zero_to_fp32.py` only on global rank 0, which must be a trainer.
+Trainers get their own process groups (groups.py: a model plane whose backend matches
+their device, a gloo control plane beside it), and DeepSpeed gets an `mpu` that confines
+data parallelism to the model plane (without one `deepspeed.initialize` waits for
+producers that never join). Producers sit on the last ranks because DeepSpeed writes
+`latest` and `zero_to_fp32.py` only on global rank 0, which must be a trainer.
 The same code runs with gloo on a CPU and NCCL on GPUs.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from datetime import timedelta
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -25,9 +27,11 @@ class Roles:
     num_producers: int
     trainer_ranks: list[int]
     producer_ranks: list[int]
-    trainer_group: Any = None  # process group of the trainers (None when not distributed)
-    transport_group: Any = None  # every rank: producer -> trainer sends run here
+    trainer_group: Any = None  # model plane: the trainers, backend of their device (None: not distributed)
+    control_group: Any = None  # control plane: the trainers, gloo (bookkeeping, barriers)
+    transport_group: Any = None  # every rank, gloo: producer -> trainer sends and the end of the job
     mpu: Any = None  # DeepSpeed model-parallel unit for the trainers
+    groups: Any = None  # groups.Groups (the three above and the trainers' device)
 
     @property
     def is_producer(self) -> bool:
@@ -88,7 +92,7 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init_distributed() -> bool:
+def init_distributed(timeout_s: Optional[float] = None) -> bool:
     """Start torch.distributed from the launcher's environment, if there is one.
 
     Returns True when running distributed (world size > 1 or launched by a launcher).
@@ -99,16 +103,30 @@ def init_distributed() -> bool:
         return False
     import deepspeed
 
+    kw = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
     # Every rank must start DeepSpeed's comms, or trainers spin inside initialize().
-    deepspeed.init_distributed(dist_backend=default_backend())
+    deepspeed.init_distributed(dist_backend=default_backend(), **kw)
     return True
 
 
-def setup_roles(num_producers: int) -> Roles:
+def check_devices(mode: str, local_ranks: int, gpus: int) -> None:
+    """NCCL refuses two ranks on one device ("Duplicate GPU detected"): say what to do instead."""
+    if gpus > 0 and local_ranks > gpus:
+        hint = ("with one GPU, launch one rank and set online.mode=colocated (online.producers=0): "
+                "the trainer then generates on its own device between steps" if gpus == 1 else
+                f"launch at most {gpus} ranks per machine (deepspeed --num_gpus {gpus}), or use "
+                f"online.mode=colocated")
+        raise UserInputError(f"{local_ranks} ranks on this machine but only {gpus} GPU(s): NCCL cannot put two "
+                             f"ranks on one GPU (online.mode={mode}); {hint}")
+
+
+def setup_roles(num_producers: int, timeout_s: Optional[float] = None, mode: str = "launched") -> Roles:
     """Split the world into trainers (first ranks) and `num_producers` producers (last ranks).
 
     Must be called on every rank: `dist.new_group` is collective.
     """
+    from .groups import create_groups, trainer_device
+
     distributed = dist.is_available() and dist.is_initialized()
     world = dist.get_world_size() if distributed else 1
     rank = dist.get_rank() if distributed else 0
@@ -116,19 +134,25 @@ def setup_roles(num_producers: int) -> Roles:
         raise UserInputError(
             f"online.producers={num_producers} leaves no trainer in a world of {world} rank(s); "
             f"launch more ranks (deepspeed --num_gpus N) or lower online.producers"
+            + (", or use online.mode=colocated (the trainer generates itself)" if world == 1 else "")
         )
+    if torch.cuda.is_available():
+        check_devices(mode, int(os.environ.get("LOCAL_WORLD_SIZE", world)), torch.cuda.device_count())
     trainers = list(range(world - num_producers))
     producers = list(range(world - num_producers, world))
     roles = Roles(rank=rank, world_size=world, num_producers=num_producers,
                   trainer_ranks=trainers, producer_ranks=producers)
     if not distributed:
         return roles
-    backend = dist.get_backend()
-    roles.trainer_group = dist.new_group(trainers, backend=backend)
-    roles.transport_group = dist.new_group(list(range(world)), backend=backend)
+    device = trainer_device()
+    timeout = timedelta(seconds=timeout_s) if timeout_s else None
+    groups = create_groups(trainers, world, device, timeout)
+    roles.groups = groups
+    roles.trainer_group, roles.control_group = groups.trainer, groups.control
+    roles.transport_group = groups.world_control
     # One single-rank group per rank for the model-parallel slot (created on every rank).
-    self_groups = [dist.new_group([r], backend=backend) for r in range(world)]
+    kw = {"timeout": timeout} if timeout is not None else {}
+    self_groups = [dist.new_group([r], backend=default_backend(), **kw) for r in range(world)]
     if roles.is_trainer:
         roles.mpu = TrainerMPU(roles.trainer_group, trainers, self_groups[rank])
     return roles
-

@@ -1,4 +1,14 @@
-"""Producer → trainer transport of SASI batches over torch.distributed point-to-point.
+"""Producer → trainer transport of SASI batches: gloo point-to-point from host memory.
+
+Host-side on purpose: a producer makes ~18 SASI/s at full speed, 512x512x3 uint8 =
+0.8 MB each, so ~15 MB/s per producer, which host memory and gloo carry easily. NCCL
+point-to-point would keep a posted receive per producer as a kernel on the trainer's
+communicator stream, watched by NCCL's watchdog (an abort during a long model load or
+after a producer fails) and queued ahead of later work. So there is no NCCL here: the
+transport group is gloo on every backend; GPU producers copy finished SASI to pinned host
+memory on a side stream (HostStager) and send once the copy's event has completed;
+trainers receive into pinned buffers when they train on a GPU and copy into the device
+ring with `non_blocking`.
 
 Why it looks like this (measured on gloo, NOTES.md):
 - `isend`/`irecv` on a dedicated transport group run beside DeepSpeed's all-reduce on
@@ -14,7 +24,6 @@ Why it looks like this (measured on gloo, NOTES.md):
 
 One message = one tensor: int64 header [kind, count, (image index, variant) * B]
 followed by B uint8 images, packed into one uint8 buffer.
-The same code runs on NCCL (GPU tensors) and gloo (CPU tensors).
 """
 from __future__ import annotations
 
@@ -55,6 +64,35 @@ class _Layout:
         return body.view(n, *self.image_shape)
 
 
+def _require_gloo(group: Any) -> None:
+    backend = dist.get_backend(group)
+    if backend != "gloo":
+        raise ValueError(f"the SASI transport runs on a gloo group of host buffers, got a '{backend}' group "
+                         f"(roles.transport_group is created as gloo whatever the world's backend)")
+
+
+class HostStager:
+    """GPU -> pinned host copies of finished SASI on a side stream, never blocking the producer."""
+
+    def __init__(self, device: torch.device):
+        self.stream = torch.cuda.Stream(device=device)
+
+    def stage(self, images: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        host = torch.empty(images.shape, dtype=images.dtype, pin_memory=True)
+        self.stream.wait_stream(torch.cuda.current_stream(images.device))  # the batch is finished
+        with torch.cuda.stream(self.stream):
+            host.copy_(images, non_blocking=True)
+            images.record_stream(self.stream)  # the generator's memory is not reused under the copy
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        return host, event
+
+
+def is_ready(event: Any) -> bool:
+    """True once a staged copy has landed (None: a host tensor, always ready)."""
+    return event is None or bool(event.query())
+
+
 def _credit_key(producer: int, trainer: int) -> str:
     return f"sasi/consumed/{producer}->{trainer}"
 
@@ -63,13 +101,13 @@ class SasiSender:
     """Producer side: send SASI to the trainer that owns each image index, never blocking."""
 
     def __init__(self, trainer_ranks: list[int], batch: int, image_shape, group: Any,
-                 credits: int, store: Any, device: str | torch.device = "cpu"):
+                 credits: int, store: Any):
+        _require_gloo(group)
         self.layout = _Layout(batch, image_shape)
         self.trainers = list(trainer_ranks)
         self.group = group
         self.credits = credits
         self.store = store
-        self.device = device
         self.rank = dist.get_rank()
         self.sent = {t: 0 for t in self.trainers}
         self.pending: list[tuple] = []  # (work, buffer, trainer, seq): kept until known done
@@ -99,14 +137,17 @@ class SasiSender:
         n = len(indices)
         if n > self.layout.batch:
             raise ValueError(f"at most {self.layout.batch} SASI per message, got {n}")
-        buf = torch.zeros(self.layout.nbytes, dtype=torch.uint8, device=self.device)
+        if images.device.type != "cpu":
+            raise ValueError(f"SASI are sent from host memory; got images on {images.device} (stage them "
+                             f"with HostStager first)")
+        buf = torch.zeros(self.layout.nbytes, dtype=torch.uint8)
         head = self.layout.header(buf)
         head[0] = kind
         head[1] = n
         if n:
             head[2: 2 + 2 * n] = torch.tensor([v for pair in zip(indices, variants) for v in pair],
-                                              dtype=torch.int64, device=self.device)
-            self.layout.images(buf, n).copy_(images.to(self.device, torch.uint8))
+                                              dtype=torch.int64)
+            self.layout.images(buf, n).copy_(images.to(torch.uint8))
         work = dist.isend(buf, dst=trainer, group=self.group)
         self.pending.append((work, buf, trainer, self.sent[trainer]))
         self.sent[trainer] += 1
@@ -127,22 +168,24 @@ class SasiSender:
 
 
 class SasiReceiver:
-    """Trainer side: `buffers` receives posted per producer, polled without blocking."""
+    """Trainer side: `buffers` receives posted per producer, polled without blocking.
+
+    `pin`: receive into pinned host memory (a trainer on a GPU), so that the copy into
+    the device ring is asynchronous. Each message gets a fresh buffer, and the images
+    handed out are views of it: nothing is reused while a copy may still read it."""
 
     def __init__(self, producer_ranks: list[int], batch: int, image_shape, group: Any,
-                 buffers: int, store: Any, device: str | torch.device = "cpu"):
+                 buffers: int, store: Any, pin: bool = False):
+        _require_gloo(group)
         self.layout = _Layout(batch, image_shape)
         self.producers = list(producer_ranks)
         self.group = group
         self.store = store
-        self.device = device
+        self.pin = pin
         self.rank = dist.get_rank()
         self.stopped: set[int] = set()
         self.received = 0  # SASI
         self.messages = {p: 0 for p in producer_ranks}  # messages taken per producer (STOP included)
-        # NCCL completes p2p on its own stream, where polling the buffer is unsafe but
-        # is_completed() works; on gloo it is the other way round.
-        self._nccl = dist.get_backend(group) == "nccl"
         # Posted in order; gloo and NCCL deliver messages between one pair in send order.
         self.posted: dict[int, list[tuple[Any, torch.Tensor]]] = {p: [] for p in self.producers}
         for p in self.producers:
@@ -150,7 +193,7 @@ class SasiReceiver:
                 self._post(p)
 
     def _post(self, producer: int) -> None:
-        buf = torch.empty(self.layout.nbytes, dtype=torch.uint8, device=self.device)
+        buf = torch.empty(self.layout.nbytes, dtype=torch.uint8, pin_memory=self.pin)
         self.layout.header(buf).fill_(_SENTINEL)
         work = dist.irecv(buf, src=producer, group=self.group)
         self.posted[producer].append((work, buf))
@@ -167,8 +210,7 @@ class SasiReceiver:
             while queue and (limit is None or len(out) < limit):
                 work, buf = queue[0]
                 head = self.layout.header(buf)
-                arrived = work.is_completed() if self._nccl else int(head[0]) != _SENTINEL
-                if not arrived:
+                if int(head[0]) == _SENTINEL:
                     break  # not arrived yet; later buffers cannot have arrived either
                 work.wait()  # exactly once: the data is in (or finishing)
                 queue.pop(0)
@@ -179,7 +221,7 @@ class SasiReceiver:
                     self.stopped.add(p)
                     continue
                 pairs = head[2: 2 + 2 * n].view(n, 2).tolist() if n else []
-                images = self.layout.images(buf, n).clone()
+                images = self.layout.images(buf, n)  # a view of this message's own buffer
                 out.append(SasiBatch(p, [a for a, _ in pairs], [b for _, b in pairs], images))
                 self.received += n
                 self._post(p)

@@ -1,9 +1,12 @@
 """Cross-trainer collectives for the SSL methods.
 
-Every collective here runs over ONE process group: the trainers' group when the trainer
-calls `set_group(group)` (producers must never be asked to join a gather), the default
-group otherwise. Without torch.distributed initialised every helper is the identity, so
-methods run unchanged in one process and in tests.
+Every collective here runs over ONE process group: the trainers' model-plane group when
+the trainer calls `set_group(group)` (producers must never be asked to join a gather), the
+default group otherwise. These are model tensors on the trainer's device; the group's
+backend matches that device (NCCL for CUDA), and a tensor on another device is refused by
+name (online/groups.py) instead of failing deep inside the backend. Without
+torch.distributed initialised every helper is the identity, so methods run unchanged in
+one process and in tests.
 """
 from __future__ import annotations
 
@@ -22,6 +25,18 @@ def set_group(group: Any) -> None:
 
 
 def get_group() -> Any:
+    return _GROUP
+
+
+def _pick(t: torch.Tensor, group: Any) -> Any:
+    """The explicit group, else the model plane (device-checked), else the set group."""
+    if group is not None:
+        return group
+    from sasi_online.online.groups import MODEL, current, group_for
+
+    groups = current()
+    if groups is not None and _GROUP is groups.trainer:
+        return group_for(t, MODEL, groups)
     return _GROUP
 
 
@@ -48,7 +63,7 @@ def gather(t: torch.Tensor, group: Any = None) -> torch.Tensor:
 
     Used for queue pushes and keys (MoCo, SwAV): gradients never flow through them.
     """
-    group = group if group is not None else _GROUP
+    group = _pick(t, group)
     if world_size(group) == 1:
         return t.detach()
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
@@ -63,7 +78,7 @@ def gather_with_grad(t: torch.Tensor, group: Any = None) -> torch.Tensor:
     backward; with the engine averaging parameter gradients over ranks this yields the
     exact gradient of a loss computed over the global batch (SimCLR, Barlow Twins, VICReg).
     """
-    group = group if group is not None else _GROUP
+    group = _pick(t, group)
     if world_size(group) == 1:
         return t
     from torch.distributed.nn.functional import all_gather
@@ -74,7 +89,7 @@ def gather_with_grad(t: torch.Tensor, group: Any = None) -> torch.Tensor:
 @torch.no_grad()
 def all_reduce_sum(t: torch.Tensor, group: Any = None) -> torch.Tensor:
     """Sum `t` over the group in place (identity in one process); returns `t`."""
-    group = group if group is not None else _GROUP
+    group = _pick(t, group)
     if world_size(group) > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     return t
@@ -83,7 +98,7 @@ def all_reduce_sum(t: torch.Tensor, group: Any = None) -> torch.Tensor:
 @torch.no_grad()
 def broadcast_from_first(t: torch.Tensor, group: Any = None) -> torch.Tensor:
     """Overwrite `t` on every rank with the group's first rank's value."""
-    group = group if group is not None else _GROUP
+    group = _pick(t, group)
     if world_size(group) > 1:
         src = dist.get_global_rank(group, 0) if group is not None else 0
         dist.broadcast(t, src=src, group=group)

@@ -10,6 +10,7 @@ outcome counters, its SASI source). DeepSpeed's client state is the first traine
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
@@ -28,7 +29,8 @@ from sasi_online.utils import atomic_write_json
 # Keys a resumed run may change: they steer logging, length or fault drills, not the model.
 _VOLATILE = {("train", k) for k in ("steps", "out", "log_every", "ckpt_every", "knn_every", "resume",
                                     "num_workers")} | {
-    ("online", k) for k in ("fault_batch", "fault_loop_after", "plots")}
+    ("online", k) for k in ("fault_batch", "fault_loop_after", "fault_producer", "fault_delay_s",
+                            "fault_delay_producer", "plots")} | {("train", "dist_timeout_s")}
 KEEP_LAST = 2
 
 
@@ -37,7 +39,11 @@ class CheckpointMismatchError(UserInputError):
 
 
 def config_hash(cfg) -> str:
-    d = cfg.to_dict()
+    import copy
+
+    from sasi_online.config import resolve_recipe
+
+    d = resolve_recipe(copy.deepcopy(cfg)).to_dict()  # a field left None = its recipe value
     for section, key in _VOLATILE:
         d.get(section, {}).pop(key, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -95,8 +101,13 @@ def _set_rng_state(state: dict) -> None:
 
 def save(engine, ckpt_dir: Path, step: int, cfg, client_state: dict, trainer_rank: int, group,
          rank_state: Optional[dict] = None) -> None:
-    """Collective over the trainer group (DeepSpeed's save is). `rank_state` (JSON-able)
-    is this trainer's own; `load` returns it merged over the shared `client_state`."""
+    """Collective over the trainers (DeepSpeed's save is). `group` is the trainers' gloo
+    control group (roles.control_group): our barriers run there, and DeepSpeed's own world
+    barriers are routed there for the duration of the save (groups.barriers_on_control).
+    `rank_state` (JSON-able) is this trainer's own; `load` returns it merged over the
+    shared `client_state`."""
+    from sasi_online.online.groups import barriers_on_control, current
+
     tag = tag_of(step)
     folder = ckpt_dir / tag
     if trainer_rank == 0:
@@ -106,7 +117,9 @@ def save(engine, ckpt_dir: Path, step: int, cfg, client_state: dict, trainer_ran
     torch.save(_rng_state(), folder / f".rng_rank{trainer_rank}.tmp")
     (folder / f".rng_rank{trainer_rank}.tmp").replace(folder / f"rng_rank{trainer_rank}.pt")
     atomic_write_json(folder / f"client_rank{trainer_rank}.json", rank_state or {})
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
+    groups = current()
+    with barriers_on_control(groups) if groups is not None else _no_routing():
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
     if dist.is_initialized():
         dist.barrier(group=group)
     if trainer_rank == 0:
@@ -118,6 +131,11 @@ def save(engine, ckpt_dir: Path, step: int, cfg, client_state: dict, trainer_ran
             shutil.rmtree(old, ignore_errors=True)
     if dist.is_initialized():
         dist.barrier(group=group)
+
+
+@contextlib.contextmanager
+def _no_routing():
+    yield
 
 
 def latest(ckpt_dir: Path) -> Optional[tuple[str, dict]]:

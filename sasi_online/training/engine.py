@@ -12,12 +12,16 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from typing import Any
+from datetime import timedelta
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
 from sasi_online.errors import UserInputError
+
+
+_SINGLE_RANK_ENV: dict[str, Optional[str]] = {}  # launcher variables set for a 1-rank group
 
 
 def _free_port() -> int:
@@ -36,24 +40,30 @@ def quiet_deepspeed() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def init_process_group() -> bool:
-    """Start torch.distributed: from the launcher's environment, or a 1-rank gloo group.
+def init_process_group(timeout_s: Optional[float] = None) -> bool:
+    """Start torch.distributed: from the launcher's environment, or a 1-rank group.
 
     Returns True when this call started the group (the caller destroys it at the end:
     a launched rank that exits with its gloo group alive can hang at interpreter exit).
+    `timeout_s` bounds every collective and store wait of the job (train.dist_timeout_s).
     """
     quiet_deepspeed()
-    from sasi_online.online.roles import init_distributed
+    from sasi_online.online.roles import default_backend, init_distributed
 
     if dist.is_available() and dist.is_initialized():
         return False  # the caller owns the group
-    if init_distributed():
+    if init_distributed(timeout_s):
         return True
     import deepspeed
 
-    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    single = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    # Remembered so that destroy_process_group() takes them back out: left behind, they make
+    # a later train() in this process look launched, and leak a stale port into subprocesses.
+    _SINGLE_RANK_ENV.update({k: os.environ.get(k) for k in single})
+    os.environ.update(single)
+    kw = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
+    deepspeed.init_distributed(dist_backend=default_backend(), **kw)
     return True
 
 
@@ -75,6 +85,9 @@ def deepspeed_config(cfg, micro_batch: int, num_trainers: int) -> dict:
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
         "checkpoint": {"tag_validation": "Ignore"},
+        # DeepSpeed 0.19 clips the global gradient norm to 1.0 unless told otherwise; no
+        # recipe here does that (DINO's per-layer clip is the optimizer's optim.clip_grad)
+        "gradient_clipping": 0.0,
     }
     if t.precision == "bf16":
         conf["bf16"] = {"enabled": True}
@@ -87,6 +100,11 @@ def build_engine(method: torch.nn.Module, optimizer, scheduler, ds_config: dict,
 
     engine, _, _, _ = deepspeed.initialize(model=method, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, mpu=mpu, dist_init_required=False)
+    if hasattr(method, "keep_fp32_state"):
+        method.keep_fp32_state()  # targets, queues, banks: fp32 again after DeepSpeed's bf16 cast
+    from sasi_online.training.optim import configure_partitioning
+
+    configure_partitioning(optimizer, engine, mpu.get_data_parallel_group() if mpu is not None else None)
     from sasi_online.training.checkpoint import SafeCheckpointEngine
 
     engine.checkpoint_engine = SafeCheckpointEngine(engine.checkpoint_engine)
@@ -96,3 +114,9 @@ def build_engine(method: torch.nn.Module, optimizer, scheduler, ds_config: dict,
 def destroy_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    for key, before in _SINGLE_RANK_ENV.items():  # the environment as it was before our 1-rank group
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+    _SINGLE_RANK_ENV.clear()

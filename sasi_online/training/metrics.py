@@ -15,9 +15,15 @@ class MetricsLogger:
         if enabled:
             out_dir.mkdir(parents=True, exist_ok=True)
             if tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
+                try:  # tensorboard is optional (a bare GPU machine may lack it): JSONL always
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError as exc:
+                    import warnings
 
-                self._writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+                    warnings.warn(f"TensorBoard logging off ({exc}); metrics go to {self.path} only. "
+                                  f"pip install tensorboard to get them in TensorBoard too")
+                else:
+                    self._writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
 
     def log(self, step: int, values: dict) -> None:
         if not self.enabled:
