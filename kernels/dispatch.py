@@ -106,13 +106,16 @@ def guided_step_fused(kind: str, prediction_type: str, noise_pred_uncond: torch.
 
 def guided_scheduler_step(scheduler, noise_pred: torch.Tensor, t, latents: torch.Tensor,
                           guidance: float, generator=None, eta: float = 0.0,
-                          backend: str | None = None) -> torch.Tensor:
+                          backend: str | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
     """Drop-in for "CFG combine + ``scheduler.step``" in a denoising loop.
 
     `noise_pred` is the UNet output for ``cat([latents] * 2)`` (uncond first) or, without
     guidance, for `latents` alone. DDPM/DDIM schedulers take the fused path, drawing their
     noise exactly as diffusers does (same generator(s), same calls, so the same images);
-    any other scheduler runs its own ``step`` unchanged.
+    any other scheduler runs its own ``step`` unchanged. `t` is the scheduler's CPU timestep
+    (a device tensor is refused: reading it would sync). `noise`, when given, is this step's
+    noise drawn ahead (the loop draws every step's at once and uploads them together, so no
+    step copies from the host); otherwise it is drawn here from `generator`.
     """
     from diffusers import DDIMScheduler, DDPMScheduler
     from diffusers.utils.torch_utils import randn_tensor
@@ -129,9 +132,10 @@ def guided_scheduler_step(scheduler, noise_pred: torch.Tensor, t, latents: torch
         extra = {"generator": generator} if generator is not None else {}
         return scheduler.step(guided, t, latents, **extra, return_dict=False)[0]
     scalars = step_scalars(scheduler, t, eta=eta)
-    noise = None
     draws = scalars.timestep > 0 if scalars.kind == "ddpm" else eta > 0
-    if draws:  # exactly when diffusers' step draws, so the generators stay in step
+    if not draws:
+        noise = None
+    elif noise is None:  # exactly when diffusers' step draws, so the generators stay in step
         noise = randn_tensor(latents.shape, generator=generator, device=latents.device,
                              dtype=latents.dtype)
     return guided_step_fused(noise_pred_uncond=uncond, noise_pred_text=text, latents=latents,

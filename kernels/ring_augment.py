@@ -3,9 +3,13 @@
 The ring keeps SASI as uint8 images on the trainer's device. A view is:
 random resized crop (bilinear, no antialias) → horizontal flip → colour jitter in the
 FIXED order brightness, contrast, saturation, hue (torchvision picks a random order per
-call; a fixed order keeps the kernel branch-free) → optional grayscale → normalise.
-Gaussian blur and solarisation are not part of this kernel (they need a neighbourhood
-or are cheap to add afterwards); use the torchvision/DALI recipe when you need them.
+call; a fixed order keeps the kernel branch-free) → optional grayscale → optional Gaussian
+blur (per-view sigma, reflect padding, torchvision's kernel) → optional solarisation
+(pixels at or above 128/255 inverted) → normalise. That is every op of the project's
+recipes (data/recipes/: MoCo-v2, SimCLR, BYOL, MoCo-v3, SwAV, DINO, solo-learn's).
+The Triton kernel fuses everything up to grayscale; blur and solarisation, when a draw
+asks for them, run after it on the same device as one batched depthwise convolution and
+one elementwise pass (`blur_solarize_normalize`), still without a per-view loop.
 
 Parameters are drawn once by ``sample_aug_params`` and fed to both paths, so the torch
 reference (torchvision.transforms.v2.functional on float images) and the Triton kernel
@@ -51,6 +55,10 @@ class AugRecipe:
     saturation: float = 0.4
     hue: float = 0.1
     gray_p: float = 0.2
+    blur_p: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # in pixels of the output view
+    blur_kernel: int = 0  # odd side; 0 = ~10 % of the output side (at least 3), as SimCLR/MoCo
+    solarize_p: float = 0.0
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -66,21 +74,29 @@ class AugRecipe:
         return cls(**vals)
 
     @classmethod
-    def from_view_spec(cls, spec, mean, std) -> "AugRecipe":
+    def from_view_spec(cls, spec, mean, std, image_size: int | None = None) -> "AugRecipe":
         """From one view of the project's augmentation recipe (``sasi_online.data.augment``
-        ViewSpec plus the recipe's mean/std). Its blur and solarisation are not fused here:
-        apply them afterwards, or use the torchvision/DALI path for such views."""
+        ViewSpec plus the recipe's mean/std), blur and solarisation included. With
+        `image_size` (data.image_size) the blur's sigma range and kernel are the ones the
+        torchvision path uses at that size; without it the recipe's sigma, kernel ~10 %."""
+        sigma = spec.sigma_range(image_size) if image_size else tuple(spec.blur_sigma)
+        kernel = spec.blur_kernel(image_size) if image_size else 0
         return cls(scale=tuple(spec.scale), ratio=tuple(spec.ratio), flip_p=spec.flip,
                    jitter_p=spec.jitter_prob, brightness=spec.brightness,
                    contrast=spec.contrast, saturation=spec.saturation, hue=spec.hue,
-                   gray_p=spec.grayscale, mean=tuple(mean), std=tuple(std))
+                   gray_p=spec.grayscale, blur_p=spec.blur_prob, blur_sigma=tuple(sigma),
+                   blur_kernel=kernel, solarize_p=spec.solarize, mean=tuple(mean), std=tuple(std))
 
     def __post_init__(self):
         if not (0 < self.scale[0] <= self.scale[1] <= 1):
             raise UserInputError(f"recipe.scale={self.scale}: need 0 < min <= max <= 1.")
         if not (0 < self.ratio[0] <= self.ratio[1]):
             raise UserInputError(f"recipe.ratio={self.ratio}: need 0 < min <= max.")
-        for name in ("flip_p", "jitter_p", "gray_p"):
+        if not (0 < self.blur_sigma[0] <= self.blur_sigma[1]):
+            raise UserInputError(f"recipe.blur_sigma={self.blur_sigma}: need 0 < min <= max.")
+        if self.blur_kernel < 0 or (self.blur_kernel and self.blur_kernel % 2 == 0):
+            raise UserInputError(f"recipe.blur_kernel={self.blur_kernel}: must be 0 (automatic) or odd.")
+        for name in ("flip_p", "jitter_p", "gray_p", "blur_p", "solarize_p"):
             if not 0 <= getattr(self, name) <= 1:
                 raise UserInputError(f"recipe.{name}={getattr(self, name)}: must be a "
                                      f"probability in [0, 1].")
@@ -104,6 +120,13 @@ class AugParams:
     saturation: torch.Tensor  # float32 [N], 1 = unchanged
     hue: torch.Tensor  # float32 [N], 0 = unchanged
     gray: torch.Tensor  # bool [N]
+    blur_sigma: torch.Tensor | None = None  # float32 [N] in output pixels, 0 = no blur
+    solarize: torch.Tensor | None = None  # bool [N]
+    blur_kernel: int = 0  # odd kernel side; 0 = ~10 % of the output side
+
+    def needs_post(self) -> bool:
+        """Whether blur or solarisation may apply (decided without reading the values)."""
+        return self.blur_sigma is not None or self.solarize is not None
 
     def __len__(self) -> int:
         return int(self.crop.shape[0])
@@ -168,9 +191,17 @@ def sample_aug_params(n: int, image_hw: tuple[int, int], recipe: AugRecipe = Aug
                                         factor(recipe.saturation))
     hue = torch.where(jitter, uniform(-recipe.hue, recipe.hue, n).float(), torch.zeros(n))
     gray = torch.rand(n, generator=g) < recipe.gray_p
+    # Drawn after the others, so recipes without blur/solarisation keep their old draws.
+    blur_sigma = solarize = None
+    if recipe.blur_p > 0:
+        on = torch.rand(n, generator=g) < recipe.blur_p
+        sigma = uniform(recipe.blur_sigma[0], recipe.blur_sigma[1], n).float()
+        blur_sigma = torch.where(on, sigma, torch.zeros(n))
+    if recipe.solarize_p > 0:
+        solarize = torch.rand(n, generator=g) < recipe.solarize_p
     return AugParams(crop=torch.stack([top, left, crop_h, crop_w], 1), flip=flip,
                      brightness=brightness, contrast=contrast, saturation=saturation, hue=hue,
-                     gray=gray)
+                     gray=gray, blur_sigma=blur_sigma, solarize=solarize, blur_kernel=recipe.blur_kernel)
 
 
 def _layout(images: torch.Tensor, channels_last: bool | None) -> bool:
@@ -199,13 +230,51 @@ def _check_params(params: AugParams, n: int, h: int, w: int, out_size: int) -> N
                              f"sample_aug_params(n={n}, ...).")
     if out_size < 1:
         raise UserInputError(f"out_size={out_size}: must be >= 1.")
-    c = params.crop.cpu()
+    c = params.crop if params.crop.device.type == "cpu" else params.crop.cpu()  # drawn on the host: no sync
     bad = (c[:, 0] < 0) | (c[:, 1] < 0) | (c[:, 2] < 1) | (c[:, 3] < 1) | \
           (c[:, 0] + c[:, 2] > h) | (c[:, 1] + c[:, 3] > w)
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
         raise UserInputError(f"params.crop[{i}]={c[i].tolist()} (top, left, height, width) does "
                              f"not fit a {h}x{w} image; draw params for this image size.")
+
+
+SOLARIZE_THRESHOLD = 128 / 255  # torchvision's RandomSolarize(threshold=128) on uint8 images
+
+
+def blur_kernel_size(params: AugParams, out_size: int) -> int:
+    k = params.blur_kernel or max(3, int(0.1 * out_size) // 2 * 2 + 1)
+    return min(k, (out_size - 1) // 2 * 2 + 1) if out_size >= 3 else 1  # reflect padding < side
+
+
+def _gauss_1d(sigma: torch.Tensor, k: int) -> torch.Tensor:
+    """[N, k] normalised Gaussian taps (torchvision's _get_gaussian_kernel1d); sigma 0: identity."""
+    x = torch.linspace(-(k - 1) / 2, (k - 1) / 2, k, device=sigma.device, dtype=torch.float32)
+    s = sigma.float().clamp_min(1e-6)[:, None]
+    taps = torch.exp(-0.5 * (x[None] / s) ** 2)
+    taps = taps / taps.sum(1, keepdim=True)
+    delta = (x == 0).float().expand_as(taps)
+    return torch.where(sigma[:, None] > 0, taps, delta)
+
+
+def blur_solarize_normalize(x: torch.Tensor, params: AugParams, mean=IMAGENET_MEAN,
+                            std=IMAGENET_STD) -> torch.Tensor:
+    """[N, 3, S, S] views in [0, 1] → per-view blur (one depthwise convolution per axis for
+    the whole batch), solarisation, normalisation. No host sync: the parameters stay tensors."""
+    n, c, h, w = x.shape
+    if params.blur_sigma is not None and n and h >= 3:
+        k = blur_kernel_size(params, min(h, w))
+        taps = _gauss_1d(params.blur_sigma.to(x.device), k).repeat_interleave(c, 0)  # [N*3, k]
+        pad = k // 2
+        y = torch.nn.functional.pad(x.reshape(1, n * c, h, w), [pad, pad, pad, pad], mode="reflect")
+        y = torch.nn.functional.conv2d(y, taps[:, None, None, :], groups=n * c)
+        x = torch.nn.functional.conv2d(y, taps[:, None, :, None], groups=n * c).reshape(n, c, h, w)
+    if params.solarize is not None:
+        flip = params.solarize.to(x.device)[:, None, None, None] & (x >= SOLARIZE_THRESHOLD)
+        x = torch.where(flip, 1.0 - x, x)
+    m = torch.tensor(mean, device=x.device, dtype=x.dtype)[None, :, None, None]
+    s = torch.tensor(std, device=x.device, dtype=x.dtype)[None, :, None, None]
+    return (x - m) / s
 
 
 def ring_augment_torch(images: torch.Tensor, params: AugParams, out_size: int,
@@ -233,6 +302,11 @@ def ring_augment_torch(images: torch.Tensor, params: AugParams, out_size: int,
             v = F.adjust_hue(v, float(params.hue[i]))
         if bool(params.gray[i]):
             v = F.rgb_to_grayscale(v, num_output_channels=3)
+        if params.blur_sigma is not None and float(params.blur_sigma[i]) > 0 and out_size >= 3:
+            k = blur_kernel_size(params, out_size)
+            v = F.gaussian_blur(v, [k, k], [float(params.blur_sigma[i])] * 2)
+        if params.solarize is not None and bool(params.solarize[i]):
+            v = F.solarize(v, SOLARIZE_THRESHOLD)
         outs.append(F.normalize(v, list(mean), list(std)))
     if not outs:
         return torch.empty(0, 3, out_size, out_size, device=images.device)
@@ -372,7 +446,15 @@ def augment_kernel(img_ptr, prm, grey_mean_ptr, out_ptr, H, W, S, s_n, s_c, s_h,
 def ring_augment_triton(images: torch.Tensor, params: AugParams, out_size: int,
                         mean=IMAGENET_MEAN, std=IMAGENET_STD, channels_last: bool | None = None,
                         block: int = 256) -> torch.Tensor:
-    """Fused kernel: float32 [N, 3, out_size, out_size] from uint8 slots and `params`."""
+    """Fused kernel: float32 [N, 3, out_size, out_size] from uint8 slots and `params`
+    (blur and solarisation, when drawn, batched on the same device after the kernel)."""
+    if params.needs_post():
+        raw = ring_augment_triton(images, AugParams(params.crop, params.flip, params.brightness,
+                                                    params.contrast, params.saturation, params.hue,
+                                                    params.gray),
+                                  out_size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+                                  channels_last=channels_last, block=block)
+        return blur_solarize_normalize(raw, params, mean, std)
     last = _layout(images, channels_last)
     n = images.shape[0]
     h, w = (images.shape[1], images.shape[2]) if last else (images.shape[2], images.shape[3])

@@ -57,9 +57,9 @@ def test_filter_scores_flags_and_reflags_without_deleting(tiny_zoo, tmp_path, ca
     assert 0 < n_fishy < 6
     assert sum(len(store.usable_variants(i)) for i in range(3)) == 6 - n_fishy  # readers skip fishy
     assert sorted(p.name for p in root.rglob("v*.png")) == files_before  # nothing deleted
-    summary = json.loads((root / "filter.json").read_text())
+    summary = json.loads((root / "reports" / "filter.json").read_text())
     assert summary["fishy"] == n_fishy and summary["newly_scored"] == 0
-    with Image.open(root / "similarity_hist.png") as im:
+    with Image.open(root / "reports" / "similarity_hist.png") as im:
         assert im.size[0] > 100
     assert f"{n_fishy} of 6 SASI" in capsys.readouterr().out
 

@@ -1,7 +1,9 @@
-"""Generation in the loop through the deepspeed launcher: 1 producer + 2 trainers on the CPU.
+"""Generation in the loop through the deepspeed launcher on the CPU.
 
-One module-scoped run (ZeRO-1, a producer batch that fails on purpose), then its resume,
-then a run whose producer loop dies mid-run. Checked from what the runs leave on disk:
+One module-scoped run, 1 producer + 2 trainers (ZeRO-1, a producer batch that fails on
+purpose, then the producer loop dies mid-run), then its resume. Then 2 producers + 1
+trainer with the process groups' timeout at 10 s: one producer sleeps 30 s before its
+first SASI, the other fails at once. Checked from what the runs leave on disk:
 online_summary.json, metrics.jsonl, the per-rank ring and producer states of each checkpoint.
 """
 import json
@@ -31,14 +33,22 @@ def _ckpt(out, step, name):
     return torch.load(Path(out) / "checkpoints" / f"step_{step:07d}" / name, weights_only=True)
 
 
-def _check_accounting(out, step, micro_steps):
-    """A checkpoint is a quiet point: SASI made = SASI received by trainers + producer outbox,
-    every sample counted in exactly one pairing outcome, no (index, variant) twice."""
-    producer = _ckpt(out, step, "producer_rank2.pt")
-    rings = [_ckpt(out, step, f"ring_rank{r}.pt") for r in (0, 1)]
-    outbox = sum(len(m["indices"]) for msgs in producer["outbox"].values() for m in msgs)
+def _check_accounting(out, step, micro_steps, trainers=(0, 1), producers=(2,)):
+    """A checkpoint is a quiet point: SASI made = SASI received by trainers + producer outbox
+    + dropped at a resume (a checkpoint holds no pixels), every sample counted in exactly
+    one pairing outcome, no (index, variant) twice."""
+    from test_groups import assert_no_pixels
+
+    folder = Path(out) / "checkpoints" / f"step_{step:07d}"
+    assert_no_pixels(*[folder / f"producer_rank{p}.pt" for p in producers],
+                     *[folder / f"ring_rank{r}.pt" for r in trainers])
+    states = [_ckpt(out, step, f"producer_rank{p}.pt") for p in producers]
+    producer = states[0]
+    rings = [_ckpt(out, step, f"ring_rank{r}.pt") for r in trainers]
+    outbox = sum(len(m["indices"]) for st in states for msgs in st["outbox"].values() for m in msgs)
+    dropped = sum(st["counts"].get("dropped_at_resume", 0) for st in states)
     received = sum(r["counts"].get("received", 0) for r in rings)
-    assert producer["counts"]["generated"] == received + outbox
+    assert sum(st["counts"].get("generated", 0) for st in states) == received + outbox + dropped
     for r in rings:
         assert sum(r["source_counts"].values()) == micro_steps * BATCH
     keys = [(int(i), int(v)) for r in rings for i, v in zip(r["ring"]["index"], r["ring"]["variant"]) if i >= 0]
@@ -87,9 +97,30 @@ def test_producer_faults_are_survived(first_run):
 
 def test_resume_continues_ring_and_accounting(tiny_zoo, first_run):
     out, _ = first_run
-    before, _ = _check_accounting(out, 8, 8)
+    before, rings = _check_accounting(out, 8, 8)
+    held = [int((r["ring"]["index"] >= 0).sum()) + len(r["backlog"]["index"]) for r in rings]
     _launch(tiny_zoo, out, "train.steps=12", "train.ckpt_every=4", *FAULTS)
-    after, _ = _check_accounting(out, 12, 12)  # outcome counts continued from step 8
+    after, rings = _check_accounting(out, 12, 12)  # outcome counts continued from step 8
+    # no pixels in the checkpoint: what ring and backlog held at step 8 was dropped at resume
+    assert [r["ring"]["counts"]["dropped_at_resume"] for r in rings] == held and sum(held) > 0
     assert after["counts"]["generated"] > before["counts"]["generated"]
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "online/ring_fill" in r] == [2, 4, 6, 8, 10, 12]  # nothing redone
+
+
+def test_slow_and_failed_producers_cannot_time_out_the_job(tiny_zoo, tmp_path):
+    """Every wait of ours polls; none is a collective or store read a slow peer can run into
+    its timeout. Producer 0 (rank 1) sleeps 30 s, three group timeouts, before its first SASI
+    (a long model load) while the trainer waits at its first quiet point (step 2); producer 1
+    (rank 2) fails at once and sends STOP. The job finishes, checkpoints and exits 0."""
+    out = tmp_path / "run"
+    _launch(tiny_zoo, out, "train.steps=8", "train.ckpt_every=2", "train.dist_timeout_s=10", "online.producers=2",
+            "online.start_sasi=0", "online.fault_delay_s=30", "online.fault_delay_producer=0",
+            "online.fault_loop_after=0", "online.fault_producer=1", timeout=200)
+    assert json.loads((out / "checkpoints" / "latest.json").read_text())["step"] == 8
+    summary = json.loads((out / "online_summary.json").read_text())
+    slow, failed = summary["producers"]
+    assert failed["stopped"] == 1 and failed["generated"] == 0 and "fault_loop_after" in failed["error"]
+    assert slow["stopped"] == 0 and slow["generated"] > 0 and slow["wall_s"] > 30
+    assert sum(summary["outcomes"].values()) == 8 * BATCH and summary["outcomes"]["ring_hit"] > 0
+    _check_accounting(out, 8, 8, trainers=(0,), producers=(1, 2))

@@ -10,8 +10,9 @@ def test_planner_follows_the_sampler_ahead_of_the_trainers():
     sampler = StepSampler(200, 8, num_trainers=2, seed=3)
     planner = LookaheadPlanner(sampler, lookahead=4)
     jobs = planner.next_jobs(trainer_step=10, n=20)
-    # first the images of step 11 (trainer 0 then 1), then step 12: the order trainers reach them
-    expected = [(s, r, i) for s in (11, 12) for r in (0, 1) for i in sampler.indices(s, r)][:20]
+    # first the images of step 11, then step 12: the order trainers reach them, and within a
+    # step interleaved over the trainers (image k of trainer 0, of trainer 1, then image k + 1)
+    expected = [(s, r, sampler.indices(s, r)[k]) for s in (11, 12) for k in range(8) for r in (0, 1)][:20]
     assert [(j.step, j.trainer_rank, j.index) for j in jobs] == expected
     # nothing beyond the look-ahead window; steps already passed are skipped
     assert all(j.step <= 14 for j in planner.next_jobs(10, 1000))
@@ -53,3 +54,43 @@ def test_lookahead_hit_rate_beats_random_choice_on_the_same_run():
     # every sample is accounted for once
     for r in (with_lookahead, without):
         assert r.hit_rate + r.draw_rate + r.fallback_rate == pytest.approx(1.0)
+
+
+def _planned_per_trainer(steps_per_batch: float, trainers: int = 8, producers: int = 2, gen_batch: int = 6,
+                         batches: int = 120):
+    """Producers make a batch every `steps_per_batch` trainer steps (that is also its latency)
+    and plan it at the trainers' step when they start it. SASI planned per trainer."""
+    sampler = StepSampler(8 * 32 * 40, 32, num_trainers=trainers, seed=2)
+    planners = [LookaheadPlanner(sampler, lookahead=64, producer_id=p, num_producers=producers)
+                for p in range(producers)]
+    per_trainer = [0] * trainers
+    for p, planner in enumerate(planners):
+        t = p * steps_per_batch / producers  # producers out of phase
+        for _ in range(batches):
+            jobs = planner.next_jobs(int(t), gen_batch)
+            planner.observe_latency(steps_per_batch)
+            assert all(job.step > t for job in jobs)  # never a step already reached
+            for job in jobs:
+                per_trainer[job.trainer_rank] += 1
+            t += steps_per_batch
+    return per_trainer
+
+
+@pytest.mark.parametrize("steps_per_batch,gen_batch", [(0.5, 6), (5, 6), (40, 6), (0.5, 96)])
+def test_every_trainer_gets_its_share_at_any_producer_speed(steps_per_batch, gen_batch):
+    """8 trainers, 2 producers; with 96 per batch the producers outrun the trainers."""
+    per_trainer = _planned_per_trainer(steps_per_batch, gen_batch=gen_batch)
+    mean = sum(per_trainer) / len(per_trainer)
+    assert mean > 0
+    assert all(abs(n - mean) <= 0.2 * mean for n in per_trainer), per_trainer
+
+
+def test_two_producers_split_every_trainers_batch():
+    sampler = StepSampler(8 * 32 * 4, 32, num_trainers=8, seed=0)
+    planners = [LookaheadPlanner(sampler, 1, producer_id=p, num_producers=2) for p in range(2)]
+    shares = [planner._share(3) for planner in planners]
+    for share in shares:  # half of each trainer's batch, whichever trainer
+        assert sorted({j.trainer_rank for j in share}) == list(range(8)) and len(share) == 128
+        assert all(sum(j.trainer_rank == r for j in share) == 16 for r in range(8))
+    # a prefix of a share already spans the trainers: no trainer first
+    assert len({j.trainer_rank for j in shares[0][:8]}) == 8

@@ -161,3 +161,22 @@ def test_store_source_reads_a_real_store(tmp_path):
     direct = StoreSource(SasiStore.open(tmp_path / "s"), vp_kind="noise")
     assert [h.outcome for h in direct.get([2], rng)] == ["hit"]
     assert [h.outcome for h in StoreSource(SasiStore.open(tmp_path / "s"), vp_kind="image").get([2], rng)] == ["missing"]
+
+
+def test_mix_fetches_sasi_only_for_the_samples_that_use_them():
+    """The coin is drawn first; real-pair samples are never looked up, so counts are uses."""
+    src = ArraySource({i: [_img(GREEN)] for i in range(0, 40, 2)})  # even images have a SASI
+    pb = PairBuilder("mix", _colourless_augmenter(), src, num_global=2)
+    batch = pb.build([_img(RED)] * 40, list(range(40)), np.random.default_rng(3))
+    synthetic = batch.origins[0].count("s")
+    assert 0 < synthetic < 40
+    assert batch.outcomes["hit"] == src.counts["hit"] == synthetic  # every SASI fetched was used
+    assert 0 < src.counts["missing"] < 40 - synthetic  # only coin samples were asked for
+    # a caller that resolved SASI itself passes its mask: the same rows, the same views
+    rows = pb.sasi_rows(40, np.random.default_rng(3))
+    again = ArraySource(src.images)
+    pb2 = PairBuilder("mix", _colourless_augmenter(), again, num_global=2)
+    torch.manual_seed(0)
+    b2 = pb2.build([_img(RED)] * 40, list(range(40)), np.random.default_rng(9), sasi_rows=rows)
+    assert sum(again.counts.values()) == int(rows.sum())
+    assert [o == "s" for o in b2.origins[0]] == [bool(r) and i % 2 == 0 for i, r in enumerate(rows)]

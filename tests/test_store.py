@@ -183,8 +183,8 @@ def test_generate_fills_store_deterministically_and_resumes(tiny_zoo, tmp_path):
     store = SasiStore.open(tmp_path / "a")
     assert sorted(r.key for r in store.iter_records()) == [(i, v) for i in range(3) for v in range(2)]
     assert store.get(0, 0).size == (64, 64)
-    assert (tmp_path / "a" / "grid.png").is_file()
-    timing = json.loads((tmp_path / "a" / "timing.json").read_text())
+    assert (tmp_path / "a" / "reports" / "grid.png").is_file()
+    timing = json.loads((tmp_path / "a" / "reports" / "timing.json").read_text())
     assert timing["generated"] == 6 and {"denoise", "decode", "write"} <= set(timing["seconds"])
     # same command again: nothing to do; one more image: only it is generated
     assert generate_store(cfg, tmp_path / "a", kind="image", variants=2, limit=3, progress=False).generated == 0

@@ -47,7 +47,7 @@ def _online(out: Path, models: str, steps: int, vp_kind: str) -> dict:
     """One producer and one trainer in one launch, through the deepspeed launcher."""
     from sasi_online.commands._launch import launch_train
 
-    return launch_train("configs/online_tiny.yaml", ranks=2, overrides=[
+    return launch_train("online_tiny", ranks=2, overrides=[
         f"models.root={models}", f"train.out={out}", f"train.steps={steps}", f"visual.kind={vp_kind}",
         f"train.ckpt_every={steps}", f"train.knn_every={steps}"])
 
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
             "sasi": ["train.pair_mode=sasi", f"store.path={store}"]}
     for name, extra in runs.items():
         step(f"train_{name}", lambda n=name, e=extra: _sasi(
-            "train", "--config", "configs/tiny_cpu.yaml", f"train.out={out / n}", f"train.steps={args.steps}",
+            "train", "--config", "tiny_cpu", f"train.out={out / n}", f"train.steps={args.steps}",
             f"models.root={models}", *e))
     online = None
     names = ["base", "w/ SASI (offline)"]
@@ -109,8 +109,8 @@ def _write_summary(out: Path, store: Path, times: dict, online: dict | None) -> 
              "not the paper's accuracy.", ""]
     pictures = [
         ("Captions, rewrites and visual prompts", out / "semantics" / "grid.png"),
-        ("Real | visual prompt | SASI", store / "grid.png"),
-        ("CLIP similarity of each SASI to its real image", store / "similarity_hist.png"),
+        ("Real | visual prompt | SASI", store / "reports" / "grid.png"),
+        ("CLIP similarity of each SASI to its real image", store / "reports" / "similarity_hist.png"),
     ]
     for title, path in pictures:
         if path.exists():
@@ -121,7 +121,7 @@ def _write_summary(out: Path, store: Path, times: dict, online: dict | None) -> 
         text = re.sub(r"!\[([^\]]*)\]\(([^)/]+)\)", r"![\1](compare/\2)", report.read_text(encoding="utf-8"))
         text = re.sub(r"^# .*\n", "", text).replace("\n## ", "\n### ")  # nest under this heading
         lines += ["## Evaluation: base vs w/ SASI, offline and online", "", text.strip(), ""]
-    timing = store / "timing.json"
+    timing = store / "reports" / "timing.json"
     if timing.exists():
         lines += ["## Generation time per stage (paper Table 13)", "", "```json",
                   timing.read_text(encoding="utf-8").strip(), "```", ""]

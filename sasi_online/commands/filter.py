@@ -2,7 +2,7 @@
 
 Scores every SASI not scored yet (scores are kept in the store's manifest), flags those
 under --threshold as fishy (readers such as the trainer skip them; nothing is deleted),
-writes STORE/similarity_hist.png and STORE/filter.json. Rerun with another threshold
+writes STORE/reports/similarity_hist.png and STORE/reports/filter.json. Rerun with another threshold
 to re-flag without rescoring.
 """
 from __future__ import annotations
@@ -21,6 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", help="model set root holding the CLIP folder (models.root)")
     parser.add_argument("--data-root", help="dataset folder, when the dataset is not embedded (data.root)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per CLIP forward")
+    parser.add_argument("--device", help="where CLIP runs: auto (cuda if present), cpu, cuda, cuda:N "
+                                         "(filter.device; filter.dtype sets its precision)")
     parser.add_argument("--rescore", action="store_true", help="recompute every similarity")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -39,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     limit_threads()
     overrides = list(args.overrides or [])
-    for opt, key in (("threshold", "filter.threshold"), ("models", "models.root"), ("data_root", "data.root")):
+    for opt, key in (("threshold", "filter.threshold"), ("models", "models.root"), ("data_root", "data.root"),
+                     ("device", "filter.device")):
         if getattr(args, opt) is not None:
             overrides.append(f"{key}={json.dumps(getattr(args, opt))}")
     cfg = load_config(args.config, overrides)
@@ -51,15 +54,15 @@ def run(args: argparse.Namespace) -> int:
         if len(ds) != want["size"]:
             raise StoreMismatchError(f"store '{args.store}' was made for {want}, but data.root gives "
                                      f"{len(ds)} images; point --data-root at the dataset it was made from")
-        scorer = ClipSimilarity(cfg.models.path("clip"), batch_size=args.batch_size)
+        scorer = ClipSimilarity.from_config(cfg, batch_size=args.batch_size)
         scored = score_store(store, ds, scorer, batch_size=args.batch_size, progress=not args.no_progress,
                              rescore=args.rescore)
         counts = flag_fishy(store, cfg.filter.threshold)
         sims = [r.similarity for r in store.iter_records() if r.similarity is not None]
-        hist = similarity_histogram(sims, cfg.filter.threshold, Path(args.store) / "similarity_hist.png")
+        hist = similarity_histogram(sims, cfg.filter.threshold, store.reports_dir() / "similarity_hist.png")
         summary = {"threshold": cfg.filter.threshold, "newly_scored": scored, **counts,
                    "mean_similarity": float(sum(sims) / len(sims)) if sims else None}
-        atomic_write_json(Path(args.store) / "filter.json", summary)
+        atomic_write_json(store.reports_dir() / "filter.json", summary)
     finally:
         store.close()
     print(f"{counts['fishy']} of {counts['scored']} SASI under threshold {cfg.filter.threshold:g} are flagged "

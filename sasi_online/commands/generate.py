@@ -2,8 +2,8 @@
 
 Runs captions → rewrites → visual prompts → generation per batch. Running the same
 command again continues where it stopped (a kill at any moment loses at most the batch
-in flight). Ends with a per-stage time summary (also saved as STORE/timing.json) and a
-grid PNG real | visual prompt | SASI (STORE/grid.png).
+in flight). Ends with a per-stage time summary (also saved as STORE/reports/timing.json) and a
+grid PNG real | visual prompt | SASI (STORE/reports/grid.png).
 """
 from __future__ import annotations
 

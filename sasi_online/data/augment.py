@@ -119,7 +119,11 @@ def _parse_spec(raw: dict, where: str) -> ViewSpec:
 
 
 def load_recipe(name_or_path: str) -> Recipe:
-    """A shipped recipe by name (mocov2, simclr, dino) or a YAML file path."""
+    """A shipped recipe by name (mocov2, simclr, byol, mocov3, swav, dino, solo_*) or a YAML
+    file path."""
+    if name_or_path is None:
+        raise UserInputError("augment.recipe is not set: name a recipe (mocov2, byol, dino, ...) or "
+                             "load the config with load_config(), which fills in the method's own")
     p = Path(name_or_path)
     if not p.suffix:
         p = RECIPE_DIR / f"{name_or_path}.yaml"
@@ -153,16 +157,36 @@ class TorchvisionAugmenter:
     def __init__(self, recipe: Recipe, image_size: int):
         self.recipe = recipe
         self.image_size = image_size
-        self._cache: dict[str, object] = {}
+        self._cache: dict[tuple[str, bool], object] = {}
 
-    def transform(self, kind: str):
-        if kind not in self._cache:
-            self._cache[kind] = build_torchvision_transform(self.recipe, kind, self.image_size)
-        return self._cache[kind]
+    def transform(self, kind: str, normalize: bool = True):
+        if (kind, normalize) not in self._cache:
+            self._cache[kind, normalize] = build_torchvision_transform(self.recipe, kind, self.image_size, normalize)
+        return self._cache[kind, normalize]
 
     def apply(self, kind: str, images: Sequence[np.ndarray]) -> torch.Tensor:
         t = self.transform(kind)
         return torch.stack([t(_to_chw_tensor(im)) for im in images])
+
+    def apply_uint8(self, kind: str, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """The same views left as uint8 [N, 3, S, S] (to travel small, pinned, and be
+        normalised on the trainer's device with `normalize_on_device`)."""
+        t = self.transform(kind, normalize=False)
+        return torch.stack([t(_to_chw_tensor(im)) for im in images])
+
+
+def normalize_on_device(views: torch.Tensor, recipe: Recipe, device: torch.device) -> torch.Tensor:
+    """uint8 [N, 3, S, S] (pinned host or device) -> the recipe's normalised float32 on `device`."""
+    x = views.to(device, non_blocking=True).to(torch.float32).div_(255.0)
+    key = (tuple(recipe.mean), tuple(recipe.std), str(device))
+    if key not in _MEAN_STD:  # uploaded once per device, not per step
+        _MEAN_STD[key] = tuple(torch.tensor(v, dtype=torch.float32, device=device)[None, :, None, None]
+                               for v in key[:2])
+    mean, std = _MEAN_STD[key]
+    return x.sub_(mean).div_(std)
+
+
+_MEAN_STD: dict = {}
 
 
 def _to_chw_tensor(image) -> torch.Tensor:
@@ -176,10 +200,12 @@ def _to_chw_tensor(image) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
-def build_torchvision_transform(recipe: Recipe, kind: str, image_size: int):
+def build_torchvision_transform(recipe: Recipe, kind: str, image_size: int, normalize: bool = True):
+    """The view's transform; `normalize=False` leaves uint8 CHW (normalised later, on a device)."""
     from torchvision.transforms import v2
 
-    tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(recipe.mean), list(recipe.std))]
+    tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(recipe.mean), list(recipe.std))] \
+        if normalize else []
     spec = recipe.spec(kind)
     if spec is None:
         return v2.Compose([v2.Resize((image_size, image_size), antialias=True), *tail])

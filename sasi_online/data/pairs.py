@@ -90,13 +90,13 @@ class PairBuilder:
             first = sasi_slot(s, k[0], "s")
             if s2 is not None and s2.outcome == HIT:
                 second = ("s'", k[1], s2.image)
-            elif s.outcome == HIT:  # one usable SASI: two draws of it
+            elif s is not None and s.outcome == HIT:  # one usable SASI: two draws of it
                 second = ("s", k[1], s.image)
             else:
                 second = ("x", k[1], x)
             views = [first, second]
         elif m == "mix":
-            if coin and s.outcome == HIT:
+            if coin and s is not None and s.outcome == HIT:
                 views = [("s", k[0], s.image), ("s", k[1], s.image)]
             else:
                 views = [("x", k[0], x), ("x", k[1], x)]
@@ -113,21 +113,46 @@ class PairBuilder:
         return views
 
     # ------------------------------------------------------------------ building
+    def sasi_rows(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """Which samples of a batch of `n` take a SASI: every one in the SASI modes, none in
+        `base`; in `mix` those whose coin says synthetic (drawn from `rng` here, once per
+        batch). A caller that resolves SASI before `build` (the online ring) asks for these
+        rows only and passes the same mask to `build`."""
+        if self.mode == "mix":
+            return rng.random(n) < 0.5
+        return np.full(n, self.mode in NEEDS_SASI)
+
+    def _fetch(self, indices: Sequence[int], rows: np.ndarray, rng: np.random.Generator) -> list:
+        hits: list[Optional[SasiHit]] = [None] * len(indices)
+        picked = np.flatnonzero(rows).tolist()
+        if picked:
+            for k, hit in zip(picked, self.source.get([int(indices[k]) for k in picked], rng)):
+                hits[k] = hit
+        return hits
+
     def build(self, real_images: Sequence[Any], indices: Sequence[int],
-              rng: np.random.Generator) -> PairBatch:
-        """Views for one batch. `rng` drives SASI variant choice and the `mix` coin."""
+              rng: np.random.Generator, sasi_rows: Optional[np.ndarray] = None) -> PairBatch:
+        """Views for one batch. `rng` drives SASI variant choice and the `mix` coin.
+
+        SASI are fetched (and counted) only for the samples that use them (`sasi_rows`;
+        drawn here when not given)."""
         n = len(indices)
         if len(real_images) != n:
             raise ValueError(f"{len(real_images)} images for {n} indices")
+        ask = sasi_rows
+        if sasi_rows is None:
+            sasi_rows = self.sasi_rows(n, rng)
+            # a two-phase source whose caller resolved every row (no mask given) answers them all
+            ask = np.full(n, self.mode in NEEDS_SASI) if hasattr(self.source, "resolve") else sasi_rows
         outcomes: Counter = Counter()
         s_hits: list[Optional[SasiHit]] = [None] * n
         s2_hits: list[Optional[SasiHit]] = [None] * n
         if self.mode in NEEDS_SASI:
-            s_hits = self.source.get(list(indices), rng)
-            outcomes.update(h.outcome for h in s_hits)
+            s_hits = self._fetch(indices, ask, rng)
+            outcomes.update(h.outcome for h in s_hits if h is not None)
             if self.mode in ("synthetic_only", "direct"):
-                s2_hits = self.source.get(list(indices), rng)
-        coins = rng.random(n) < 0.5 if self.mode == "mix" else np.zeros(n, bool)
+                s2_hits = self._fetch(indices, ask, rng)
+        coins = np.asarray(sasi_rows, bool) if self.mode == "mix" else np.zeros(n, bool)
         plans = [self._plan(real_images[i], s_hits[i], s2_hits[i], bool(coins[i])) for i in range(n)]
         views, origins = [], []
         for v in range(len(plans[0])):

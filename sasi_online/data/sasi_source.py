@@ -28,6 +28,11 @@ class SasiHit:
 
 
 class SasiSource(Protocol):
+    """`get` is asked only for the samples that use a SASI (`PairBuilder.sasi_rows`), so
+    its counts are the batch's SASI uses. A two-phase source (one with `resolve`, like the
+    online ring, whose caller resolves a batch before building it) is asked for every row
+    unless that caller passes the rows it resolved to `PairBuilder.build(sasi_rows=...)`."""
+
     counts: Counter
 
     def get(self, indices: list[int], rng: np.random.Generator) -> list[SasiHit]: ...
@@ -105,6 +110,11 @@ class StoreSource(_VariantSource):
             CAPTION_ONLY_KINDS if vp_kind in CAPTION_ONLY_KINDS else (vp_kind,))
 
     def _usable_variants(self, index: int) -> tuple[list[int], int]:
+        if hasattr(self.store, "variant_table"):  # SasiStore: from its index, no manifest read
+            rows = [r for r in self.store.variant_table(index) if not r[2]]  # (variant, kind, failed, fishy)
+            if self._kinds is not None:
+                rows = [r for r in rows if r[1] in self._kinds]
+            return [r[0] for r in rows if not r[3]], len(rows)
         records = list(self.store.variants(index))
         if self._kinds is not None:
             records = [r for r in records if _record_field(r, "vp_kind", self.vp_kind) in self._kinds]

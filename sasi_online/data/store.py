@@ -3,8 +3,18 @@
 Layout::
 
     <store>/store.json          header: dataset (name, split, size), model hashes, settings
-    <store>/manifest.jsonl      one JSON record per line, appended, never rewritten
+    <store>/manifest.jsonl      one JSON record per line, appended, never rewritten (the log)
+    <store>/manifest.index      the log's records as memory-mapped columns (store_index.py)
     <store>/<relpath>/v<N>.png  SASI number N of the dataset image at <relpath>
+    <store>/<top>/metadata.jsonl  Hugging Face ImageFolder metadata of the SASI under <top>/
+    <store>/reports/            grid.png, timing.json, similarity_hist.png, filter.json
+
+Opening reads the index (milliseconds, a few MB, shared by DataLoader workers through
+the page cache) and only the manifest lines written after it. A missing or stale index
+(the manifest replaced, or an old store) is rebuilt from the manifest. Writers keep it
+current: they fold new lines in as they go and on close, and then rewrite the
+metadata.jsonl files, so `datasets.load_dataset("imagefolder", data_dir=STORE)` opens
+the store (columns: image, label, index, variant, caption, rewrite, vp_kind, seed, ...).
 
 Read API (training picks a random non-fishy variant per image)::
 
@@ -34,7 +44,7 @@ import logging
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -42,10 +52,16 @@ from PIL import Image, UnidentifiedImageError
 from sasi_online.errors import CorruptImageError, UserInputError
 from sasi_online.utils import DiskFullError, atomic_write_bytes, atomic_write_json
 
+from . import store_hf
+from . import store_index as sx
+
 log = logging.getLogger(__name__)
 
 STORE_FORMAT = 1
 HEADER, MANIFEST, WRITING_MARK = "store.json", "manifest.jsonl", ".writing"
+REPORTS, HF_METADATA = "reports", store_hf.HF_METADATA
+# a writer folds its new lines into the index once there are this many (or 1/32 of the store)
+INDEX_EVERY = 50_000
 IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 
 
@@ -107,10 +123,7 @@ class SasiStore:
         # the two writers, injectable for fault tests (ENOSPC): image files, manifest appends
         self.write_bytes = atomic_write_bytes
         self.append_bytes = _write_all
-        self._records: dict[tuple[int, int], Record] = {}
-        self._by_index: dict[int, list[int]] = {}
-        self._offset = 0  # bytes of the manifest already read
-        self.refresh()
+        self._open_index()
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -212,6 +225,13 @@ class SasiStore:
 
     def close(self) -> None:
         if self.writable:
+            try:  # both are derived from the manifest: a failure here loses nothing
+                self.refresh()
+                if self._dirty or not store_hf.existing_files(self.root):
+                    self.write_hf_metadata()
+            except OSError as exc:
+                log.warning("store %s: index or metadata.jsonl not updated on close (%s); the next "
+                            "open rebuilds the index, the next writer the metadata", self.root, exc)
             try:  # the last writer out removes the mark: a clean shutdown
                 fcntl.flock(self._mark_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 (self.root / WRITING_MARK).unlink(missing_ok=True)
@@ -219,6 +239,9 @@ class SasiStore:
                 pass
             os.close(self._mark_fd)
             self.writable = False
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def __enter__(self) -> "SasiStore":
         return self
@@ -227,6 +250,58 @@ class SasiStore:
         self.close()
 
     # ------------------------------------------------------------------ reading
+    def _open_index(self) -> None:
+        """Map the index (building it when missing or stale), then read the lines after it."""
+        manifest, path = self.root / MANIFEST, self.root / sx.INDEX_FILE
+        snap = sx.ManifestIndex.load(path, manifest)
+        if snap is None:
+            snap, _ = sx.build(manifest, self.root)
+            if snap.n:
+                log.info("store %s: index of %d records built from the manifest", self.root, snap.n)
+                self._save_index(snap)
+        self._snap = snap
+        self._kinds = list(snap.kinds)
+        # the overlay: records with manifest lines after the index (new ones, or new versions)
+        self._records: dict[tuple[int, int], Record] = {}
+        self._new: dict[tuple[int, int], None] = {}  # keys not in the index, first-write order
+        self._new_by_index: dict[int, list[int]] = {}
+        self._tail = sx.LineTable()
+        self._offset = snap.covered  # bytes of the manifest already read
+        self._fd: Optional[int] = None
+        self._dirty = False  # this writer appended lines
+        self.refresh()
+
+    def _save_index(self, snap: "sx.ManifestIndex") -> None:
+        try:
+            snap.save(self.root / sx.INDEX_FILE, self.root / MANIFEST)
+        except OSError as exc:  # a read-only folder: the index lives in this process only
+            log.info("store %s: index not saved (%s)", self.root, exc)
+
+    def flush_index(self) -> None:
+        """Fold the lines read since the index was written into a new index file."""
+        if len(self._tail) == 0:
+            return
+        snap = sx.merge(self._snap, self._tail, self._kinds, self._offset)
+        self._save_index(snap)
+        self._snap, self._kinds = snap, list(snap.kinds)
+        self._records, self._new, self._new_by_index, self._tail = {}, {}, {}, sx.LineTable()
+
+    def __getstate__(self) -> dict:  # DataLoader workers (spawn) map the index again
+        state = dict(self.__dict__)
+        state.update(_fd=None, _snap=None, _snap_covered=self._snap.covered)
+        state.pop("_mark_fd", None)
+        state["writable"] = False
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        covered = state.pop("_snap_covered")
+        self.__dict__.update(state)
+        snap = sx.ManifestIndex.load(self.root / sx.INDEX_FILE, self.root / MANIFEST)
+        if snap is None or snap.covered != covered:  # the overlay belongs to another index
+            self._open_index()
+        else:
+            self._snap = snap
+
     def refresh(self) -> int:
         """Read manifest lines appended since the last read (another writer may be running).
 
@@ -240,63 +315,146 @@ class SasiStore:
             fh.seek(self._offset)
             data = fh.read()
         end = data.rfind(b"\n") + 1
-        count = 0
-        for line in data[:end].splitlines():
-            if not line.strip():
-                continue
-            try:
-                self._apply(json.loads(line))
-                count += 1
-            except (ValueError, TypeError, KeyError) as exc:
-                log.warning("store %s: skipping an unreadable manifest line (%s)", self.root, exc)
+        table, objs = sx.LineTable(), []
+        count = sx.parse_lines(data[:end], self._offset, table, self._kinds, self.root, keep=objs)
+        for k, obj in enumerate(objs):
+            self._apply(table, k, obj)
         self._offset += end
         return count
 
-    def _apply(self, obj: dict) -> None:
-        key = (int(obj["index"]), int(obj["variant"]))
+    def _apply(self, table: "sx.LineTable", k: int, obj: dict) -> None:
+        """Fold line k of `table` (a tail line) into the overlay and the tail table."""
+        key = (table.index[k], table.variant[k])
         rec = self._records.get(key)
         if rec is None:
-            rec = Record(index=key[0], variant=key[1])
+            rid = self._snap.find(*key)
+            rec = self._materialise(rid) if rid >= 0 else Record(index=key[0], variant=key[1])
             self._records[key] = rec
-            self._by_index.setdefault(key[0], []).append(key[1])
+            if rid < 0:
+                self._new[key] = None
+                self._new_by_index.setdefault(key[0], []).append(key[1])
+        self._apply_fields(rec, obj)
+        for name in ("off", "length", "index", "variant", "failed", "fishy", "kind"):
+            getattr(self._tail, name).append(getattr(table, name)[k])
+
+    @staticmethod
+    def _apply_fields(rec: Record, obj: dict) -> None:
         for name, value in obj.items():
             if name in _RECORD_FIELDS:
                 setattr(rec, name, value)
             else:
                 rec.extra[name] = value
 
+    def _read_line(self, off: int, length: int) -> dict:
+        if self._fd is None:
+            self._fd = os.open(self.root / MANIFEST, os.O_RDONLY)
+        return json.loads(os.pread(self._fd, length, off))
+
+    def _materialise(self, rid: int) -> Record:
+        """A record of the index, read back from its manifest lines (latest version last)."""
+        a = self._snap.a
+        return self._from_lines(int(a["rec_index"][rid]), int(a["rec_variant"][rid]), self._snap.lines_of(rid))
+
+    def _from_lines(self, index: int, variant: int, lines: Iterable[tuple[int, int]]) -> Record:
+        merged: dict = {}
+        for off, length in lines:
+            merged.update(self._read_line(off, length))
+        known = {k: v for k, v in merged.items() if k in _RECORD_FIELDS and k != "extra"}
+        extra = {k: v for k, v in merged.items() if k not in known}
+        return Record(**{**known, "index": index, "variant": variant}, extra=extra)
+
     def __len__(self) -> int:
-        return len(self._records)
+        return self._snap.n + len(self._new)
 
     def __contains__(self, key: tuple[int, int]) -> bool:
-        return (int(key[0]), int(key[1])) in self._records
+        k = (int(key[0]), int(key[1]))
+        return k in self._records or self._snap.find(*k) >= 0
 
     def record(self, index: int, variant: int) -> Optional[Record]:
-        return self._records.get((int(index), int(variant)))
+        key = (int(index), int(variant))
+        rec = self._records.get(key)
+        if rec is not None:
+            return rec
+        rid = self._snap.find(*key)
+        return self._materialise(rid) if rid >= 0 else None
+
+    def variant_table(self, index: int) -> list[tuple[int, str, bool, bool]]:
+        """(variant, vp_kind, failed, fishy) of each SASI of image `index`, by variant, from the
+        index alone (no manifest read): the training path's per-sample lookup."""
+        index = int(index)
+        a, kinds = self._snap.a, self._snap.kinds
+        rids = self._snap.records_of(index)
+        flags = a["rec_flags"][rids].tolist()
+        rows = [(v, kinds[k] if k >= 0 else "", bool(f & sx.FLAG_FAILED), bool(f & sx.FLAG_FISHY))
+                for v, k, f in zip(a["rec_variant"][rids].tolist(), a["rec_kind"][rids].tolist(), flags)]
+        if self._records:  # the overlay's versions win; its new records join
+            newer = [(v, self._records[(index, v)]) for v in [r[0] for r in rows] + self._new_by_index.get(index, [])
+                     if (index, v) in self._records]
+            rows = [r for r in rows if (index, r[0]) not in self._records]
+            rows += [(v, rec.vp_kind, bool(rec.failed), bool(rec.fishy)) for v, rec in newer]
+            rows.sort()
+        return rows
 
     def variants(self, index: int, include_failed: bool = False) -> list[Record]:
         """Records of image `index`, by variant; only those with an image unless `include_failed`."""
-        recs = [self._records[(int(index), v)] for v in sorted(self._by_index.get(int(index), []))]
-        return recs if include_failed else [r for r in recs if not r.failed]
+        rows = self.variant_table(index)
+        return [self.record(index, v) for v, _, failed, _ in rows if include_failed or not failed]
 
     def usable_variants(self, index: int) -> list[int]:
         """Variant numbers of image `index` that have an image and are not flagged fishy."""
-        return [r.variant for r in self.variants(index) if not r.fishy]
+        return [v for v, _, failed, fishy in self.variant_table(index) if not failed and not fishy]
 
     def iter_records(self, include_failed: bool = False) -> Iterator[Record]:
         """Every SASI's latest record, in the order they were first written."""
-        for rec in list(self._records.values()):
+        a, chunk = self._snap.a, 4096
+        for r0 in range(0, self._snap.n, chunk):  # the index's columns a chunk at a time
+            r1 = min(r0 + chunk, self._snap.n)
+            starts = a["rec_line_start"][r0:r1 + 1].tolist()
+            offs = a["line_off"][starts[0]:starts[-1]].tolist()
+            lens = a["line_len"][starts[0]:starts[-1]].tolist()
+            rows = zip(a["rec_index"][r0:r1].tolist(), a["rec_variant"][r0:r1].tolist(),
+                       a["rec_flags"][r0:r1].tolist(), starts[:-1], starts[1:])
+            for index, variant, flags, s, e in rows:
+                rec = self._records.get((index, variant))
+                if rec is None:
+                    if not include_failed and flags & sx.FLAG_FAILED:
+                        continue
+                    k = s - starts[0]
+                    rec = self._from_lines(index, variant, zip(offs[k:k + e - s], lens[k:k + e - s]))
+                if include_failed or not rec.failed:
+                    yield rec
+        for key in list(self._new):
+            rec = self._records[key]
             if include_failed or not rec.failed:
                 yield rec
 
     def is_fishy(self, index: int, variant: int) -> bool:
-        rec = self.record(index, variant)
-        return bool(rec and rec.fishy)
+        rec = self._records.get((int(index), int(variant)))
+        if rec is not None:
+            return bool(rec.fishy)
+        rid = self._snap.find(int(index), int(variant))
+        return rid >= 0 and bool(self._snap.a["rec_flags"][rid] & sx.FLAG_FISHY)
 
     def next_variant(self, index: int) -> int:
         """The first free variant number of image `index` (online runs keep adding)."""
-        taken = self._by_index.get(int(index), [])
+        taken = [v for v, *_ in self.variant_table(index)]
         return max(taken) + 1 if taken else 0
+
+    def reports_dir(self) -> Path:
+        """Where commands put their reports about this store (grid, timing, histogram)."""
+        return self.root / REPORTS
+
+    # ------------------------------------------------------------------ Hugging Face view
+    def write_hf_metadata(self) -> list[Path]:
+        """Bring the metadata.jsonl files (Hugging Face ImageFolder) up to date: store_hf.py."""
+        self.flush_index()
+        return store_hf.write_metadata(self, self._snap)
+
+    def record_by_id(self, rid: int) -> Record:
+        """Record number `rid` of the index (first-write order), latest version."""
+        a = self._snap.a
+        rec = self._records.get((int(a["rec_index"][rid]), int(a["rec_variant"][rid])))
+        return rec if rec is not None else self._materialise(rid)
 
     def path_for(self, relpath: str, variant: int) -> Path:
         return self.root / relpath / f"v{int(variant)}.{self.image_format}"
@@ -323,7 +481,7 @@ class SasiStore:
             **fields_: Any) -> Record:
         """Write one SASI (or, with `image=None`, a failed one) and then its manifest line."""
         self._require_writable()
-        if (int(index), int(variant)) in self._records:
+        if (int(index), int(variant)) in self:
             raise UserInputError(f"SASI ({index}, {variant}) is already in store '{self.root}'")
         unknown = set(fields_) - _RECORD_FIELDS
         if unknown:
@@ -345,7 +503,7 @@ class SasiStore:
                 raise
             line.update(file=path.relative_to(self.root).as_posix(), failed=False)
         self._append([line])
-        return self._records[(int(index), int(variant))]
+        return self.record(index, variant)
 
     def update(self, index: int, variant: int, **fields_: Any) -> None:
         """Append a new version of a record (e.g. similarity, fishy); the latest wins."""
@@ -355,7 +513,7 @@ class SasiStore:
         self._require_writable()
         lines = []
         for index, variant, values in changes:
-            if (int(index), int(variant)) not in self._records:
+            if (int(index), int(variant)) not in self:
                 raise UserInputError(f"SASI ({index}, {variant}) is not in store '{self.root}'")
             lines.append({"index": int(index), "variant": int(variant), **values})
         self._append(lines)
@@ -379,7 +537,10 @@ class SasiStore:
                 raise
         finally:
             os.close(fd)  # closing releases the lock
+        self._dirty = True
         self.refresh()
+        if len(self._tail) >= max(INDEX_EVERY, self._snap.n // 32):  # bounds the overlay, amortises the merge
+            self.flush_index()
 
     def _require_writable(self) -> None:
         if not self.writable:

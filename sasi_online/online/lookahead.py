@@ -9,6 +9,13 @@ The producer skips steps the trainers have passed and starts `lead` steps ahead,
 `lead` follows the measured latency of one producer batch (in trainer steps): aiming at
 the very next step is wasted when a batch takes several steps to generate and send.
 
+Balance over trainers. A step's images are split between the producers so that each
+producer gets about 1/P of *every* trainer's batch, and a producer's share is interleaved
+(image 0 of trainers 0..T-1, then image 1 ...), so any prefix of it serves all trainers
+alike. A producer that falls behind jumps to a later step but keeps its position in the
+share (it does not restart at the share's first image), so over its batches it rotates
+through every trainer and every position of their batches at any producer speed.
+
 With `lookahead = 0` producers pick images uniformly at random (no look-ahead): the
 baseline a look-ahead run is compared with.
 """
@@ -45,34 +52,49 @@ class LookaheadPlanner:
         self.producer_id = producer_id
         self.num_producers = max(num_producers, 1)
         self.next_step = 0  # first micro-step not yet fully planned
-        self.offset = 0  # position inside next_step's share already planned
+        self.offset = 0  # where in next_step's share planning (re)starts: rotates on jumps
+        self.taken = 0  # jobs of next_step's share already planned
         self.lead = 1.0  # measured batch latency in trainer steps (EMA)
         self.skipped_steps = 0  # steps passed before they could be planned
         self._rng = np.random.default_rng(derive_seed(seed, "online-random-jobs", producer_id))
         self._round_robin = 0
+        self._cached: tuple[int, list[Job]] = (-1, [])
+        t, b = sampler.num_trainers, sampler.batch_size  # every step's share has this many jobs
+        self._share_size = sum((k + r) % self.num_producers == producer_id for k in range(b) for r in range(t))
 
     # ------------------------------------------------------------------ planning
     def _share(self, step: int) -> list[Job]:
-        """This producer's part of a step's images (producers split each step round-robin)."""
-        items = self.sampler.upcoming(step, 1)
-        return [Job(s, r, i) for k, (s, r, i) in enumerate(items) if k % self.num_producers == self.producer_id]
+        """This producer's part of a step's images, interleaved over the trainers.
+
+        Image k of trainer r goes to producer (k + r) mod P: each producer gets ~1/P of
+        every trainer's batch, whatever T and P (k mod P alone would leave a producer
+        only the even-numbered trainers when T and P are even), listed image by image
+        rather than trainer after trainer."""
+        if self._cached[0] != step:
+            s, t, p = self.sampler, self.sampler.num_trainers, self.num_producers
+            batches = [s.indices(step, r) for r in range(t)]
+            jobs = [Job(step, r, batches[r][k]) for k in range(s.batch_size) for r in range(t)
+                    if (k + r) % p == self.producer_id]
+            self._cached = (step, jobs)
+        return self._cached[1]
 
     def next_jobs(self, trainer_step: int, n: int) -> list[Job]:
         """Up to `n` jobs given the trainers' current micro-step (empty: nothing to do yet)."""
         if self.lookahead == 0:
             return self._random_jobs(n)
         first = trainer_step + max(1, math.ceil(self.lead))
-        if self.next_step < first:
+        if self.next_step < first:  # behind: jump ahead, keep the position in the share
             self.skipped_steps += first - self.next_step
-            self.next_step, self.offset = first, 0
+            size = max(self._share_size, 1)
+            self.next_step, self.offset, self.taken = first, (self.offset + self.taken) % size, 0
         out: list[Job] = []
         while len(out) < n and self.next_step <= trainer_step + self.lookahead:
             share = self._share(self.next_step)
-            take = share[self.offset: self.offset + n - len(out)]
-            out.extend(take)
-            self.offset += len(take)
-            if self.offset >= len(share):
-                self.next_step, self.offset = self.next_step + 1, 0
+            take = min(n - len(out), len(share) - self.taken)
+            out.extend(share[(self.offset + self.taken + k) % len(share)] for k in range(take))
+            self.taken += take
+            if self.taken >= len(share):
+                self.next_step, self.taken = self.next_step + 1, 0
         return out
 
     def _random_jobs(self, n: int) -> list[Job]:
@@ -88,12 +110,15 @@ class LookaheadPlanner:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        return {"next_step": self.next_step, "offset": self.offset, "lead": self.lead,
+        return {"next_step": self.next_step, "offset": self.offset, "taken": self.taken, "lead": self.lead,
                 "skipped_steps": self.skipped_steps, "round_robin": self._round_robin,
                 "rng": self._rng.bit_generator.state}
 
     def load_state_dict(self, state: dict) -> None:
         self.next_step, self.offset = int(state["next_step"]), int(state["offset"])
+        self.taken = int(state.get("taken", 0))  # older states: the offset was what was taken
+        if "taken" not in state:
+            self.offset, self.taken = 0, int(state["offset"])
         self.lead, self.skipped_steps = float(state["lead"]), int(state["skipped_steps"])
         self._round_robin = int(state["round_robin"])
         self._rng.bit_generator.state = state["rng"]

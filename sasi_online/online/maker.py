@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 class MadeBatch:
     indices: list[int] = field(default_factory=list)
     variants: list[int] = field(default_factory=list)
-    images: Optional[np.ndarray] = None  # n x H x W x 3 uint8, only finite SASI
+    images: Optional[np.ndarray] = None  # n x H x W x 3 uint8, only finite SASI (what the store keeps)
+    slots: Any = None  # uint8 tensor [n, 2, S, S, 3]: each SASI and its real image at the ring's side
     captions: list[str] = field(default_factory=list)
     rewrites: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
@@ -55,6 +56,9 @@ class SasiMaker:
 
             self.segmenter = Segmenter.from_config(cfg.models, cfg.visual, device=str(self.generator.device))
         self.counts: Counter = Counter()
+        from .slots import slot_side
+
+        self.slot_side = slot_side(cfg)  # what the trainers' rings hold (resized once, here)
 
     @property
     def resolution(self) -> int:
@@ -63,6 +67,8 @@ class SasiMaker:
     def make(self, items: Sequence[tuple[int, int]]) -> MadeBatch:
         from sasi_online.visual.prompts import build_visual_prompts
         from sasi_online.visual.variants import plan_variant
+
+        from .slots import make_slots
 
         cfg = self.cfg
         out = MadeBatch()
@@ -106,5 +112,7 @@ class SasiMaker:
             out.relpaths.append(samples[j].relpath)
             out.retries.append(int(result.retries[j]))
         out.images = result.images[good] if good else np.zeros((0, self.resolution, self.resolution, 3), np.uint8)
+        out.slots = make_slots(out.images, [samples[j].image for j in good], self.slot_side,
+                               device=getattr(self.generator, "device", None))
         self.counts["made"] += len(good)
         return out

@@ -4,6 +4,7 @@ Pairing order for each sample of a micro-batch (each outcome counted):
 1. `ring_hit`   a live SASI of the sample's own image (look-ahead makes these);
 2. `pool_draw`  a live SASI of another image: the sample becomes (real image of *that*
                 index, its SASI) — a correct positive pair, just not the planned image;
+                the slot holds that real image too (online/slots.py), so it needs no decode;
 3. `store`      a SASI of the sample's image from the store (when `store.path` is set);
 4. `fallback`   none: the pair builder uses a classic second real view.
 
@@ -11,10 +12,17 @@ The trainer never waits for a producer: before each micro-step it takes whatever
 arrived (transport.py's sentinel polling) and puts it in the ring; SASI the ring refuses
 (every slot unused and young: backpressure) wait in a small backlog, and no new message
 is taken while the backlog is non-empty, so the producers run out of credits and pause.
+Only the samples that take a SASI are resolved (`rows`: the `mix` mode's synthetic half).
+Views: `OnlineMicroBatches` builds pairs on the host here (augment.backend=dali);
+device_views.py makes ring slots into views on the trainer's device (torchvision).
+A checkpoint holds metadata and counters only; a resume refills from the store behind the
+run (`refill_from_store`) and from the producers. Where the SASI come from is the trainer's feed: producer ranks over the transport
+(feeds.LaunchedFeed, online.mode=launched) or a producer in this process
+(colocated.ColocatedFeed, online.mode=colocated). Bookkeeping collectives (metrics, the
+summary) run on the trainers' gloo control group (groups.py).
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from collections import Counter
 from pathlib import Path
@@ -27,7 +35,9 @@ import torch.distributed as dist
 from sasi_online.data.sasi_source import HIT, MISSING, SasiHit
 from sasi_online.utils import derive_seed
 
-from .ring import RingPool
+from .groups import trainer_device
+from .ring import RingPool, to_device_index
+from .slots import REAL, SASI, make_slots, slot_shape
 
 RING_HIT, POOL_DRAW, STORE, FALLBACK = "ring_hit", "pool_draw", "store", "fallback"
 OUTCOMES = (RING_HIT, POOL_DRAW, STORE, FALLBACK)
@@ -49,17 +59,30 @@ class RingSource:
         self.step = 0  # the trainer's micro-step (ring ages count in these)
         self.counts: Counter = Counter()
         self._resolved: Optional[tuple[list[int], list[SasiHit]]] = None
+        # After `resolve`: per sample, the real image a pool draw brought from its slot (no
+        # host decode), or None where the sample's real image is the dataset's.
+        self.real_images: list[Any] = []
 
-    def _image(self, slot: int) -> Any:
-        img = self.ring.image(slot)
-        img = img.clone() if self.on_device or img.device.type == "cpu" else img.cpu()  # a copy: slots get reused
-        return img.cpu().numpy() if self.as_numpy else img
+    def _images(self, slots: list[int], row: int = SASI) -> list[Any]:
+        """Copies of row `row` (SASI or REAL) of these slots (slots get reused), on the host
+        unless `on_device`: one gather on the ring's device and one copy for the batch."""
+        if not slots:
+            return []
+        stacked = self.ring.images[to_device_index(slots, self.ring.images.device), row]  # a gather: a copy
+        if not self.on_device:
+            stacked = stacked.cpu()
+        if self.as_numpy:
+            return list(stacked.cpu().numpy())
+        return list(stacked.unbind(0))
 
-    def _ring_hits(self, indices: list[int], rng: np.random.Generator) -> list[Optional[SasiHit]]:
-        out: list[Optional[SasiHit]] = []
-        for h in self.ring.lookup(indices, self.step, rng):
-            out.append(None if h is None else SasiHit(self._image(h.slot), HIT, h.variant))
-        return out
+    def _ring_slots(self, indices: list[int], rng: np.random.Generator) -> list[Optional[tuple[int, int]]]:
+        """(slot, variant) of a live SASI of each sample's own image, or None."""
+        return [None if h is None else (h.slot, h.variant) for h in self.ring.lookup(indices, self.step, rng)]
+
+    def _hits(self, found: list[Optional[tuple[int, int]]]) -> list[Optional[SasiHit]]:
+        slots = [f[0] for f in found if f is not None]
+        images = iter(self._images(slots))
+        return [None if f is None else SasiHit(next(images), HIT, f[1]) for f in found]
 
     def _from_store(self, index: int, rng: np.random.Generator) -> SasiHit:
         if self.store_source is not None:
@@ -70,30 +93,48 @@ class RingSource:
         self.counts[FALLBACK] += 1
         return SasiHit(None, MISSING)
 
-    def resolve(self, indices: list[int], rng: np.random.Generator) -> tuple[list[int], list[SasiHit]]:
-        """(real image index per sample, its SASI) in the pairing order above."""
+    def resolve(self, indices: list[int], rng: np.random.Generator,
+                rows: Optional[np.ndarray] = None) -> tuple[list[int], list[Optional[SasiHit]]]:
+        """(real image index per sample, its SASI) in the pairing order above.
+
+        `rows` (a bool mask, `PairBuilder.sasi_rows`): only these samples take a SASI (the
+        `mix` mode's synthetic half); the others keep their real image and are neither
+        looked up, drawn for, nor counted. Draws still exclude every image of the batch.
+        `get` afterwards returns the resolution of the same subset."""
         indices = [int(i) for i in indices]
-        hits = self._ring_hits(indices, rng)
-        self.counts[RING_HIT] += sum(h is not None for h in hits)
-        reals = list(indices)
-        misses = [k for k, h in enumerate(hits) if h is None]
-        for k, d in zip(misses, self.ring.draw(len(misses), self.step, rng, exclude=set(indices))):
-            reals[k] = d.image_index
-            hits[k] = SasiHit(self._image(d.slot), HIT, d.variant)
+        if rows is not None and len(rows) != len(indices):
+            raise ValueError(f"rows mask of {len(rows)} for {len(indices)} samples")
+        picked = list(range(len(indices))) if rows is None else np.flatnonzero(np.asarray(rows, bool)).tolist()
+        sub = [indices[k] for k in picked]
+        found = self._ring_slots(sub, rng)
+        self.counts[RING_HIT] += sum(f is not None for f in found)
+        reals, sub_reals = list(indices), list(sub)
+        misses = [j for j, f in enumerate(found) if f is None]
+        drawn = self.ring.draw(len(misses), self.step, rng, exclude=set(indices))
+        self.real_images = [None] * len(indices)
+        for j, d, im in zip(misses, drawn, self._images([d.slot for d in drawn], REAL)):
+            sub_reals[j] = reals[picked[j]] = d.image_index
+            self.real_images[picked[j]] = im  # the slot holds the draw's real image
+            found[j] = (d.slot, d.variant)
             self.counts[POOL_DRAW] += 1
-        for k, h in enumerate(hits):
+        hits = self._hits(found)
+        for j, h in enumerate(hits):
             if h is None:
-                hits[k] = self._from_store(indices[k], rng)
-        self._resolved = (reals, hits)
-        return reals, hits
+                hits[j] = self._from_store(sub[j], rng)
+        self._resolved = (sub_reals, hits)
+        full: list[Optional[SasiHit]] = [None] * len(indices)  # None: a row that takes no SASI
+        for j, k in enumerate(picked):
+            full[k] = hits[j]
+        return reals, full
 
     def get(self, indices: list[int], rng: np.random.Generator) -> list[SasiHit]:
-        """The SasiSource interface. After `resolve` for these indices it returns that
-        resolution; alone it cannot swap real images, so it skips pool draws."""
+        """The SasiSource interface. After `resolve` for these indices (the rows it resolved,
+        in order, with pool draws' real images) it returns that resolution; alone it cannot
+        swap real images, so it skips pool draws."""
         indices = [int(i) for i in indices]
         if self._resolved is not None and self._resolved[0] == indices:
             return list(self._resolved[1])
-        hits = self._ring_hits(indices, rng)
+        hits = self._hits(self._ring_slots(indices, rng))
         self.counts[RING_HIT] += sum(h is not None for h in hits)
         return [h if h is not None else self._from_store(i, rng) for h, i in zip(hits, indices)]
 
@@ -117,89 +158,75 @@ class OnlineMicroBatches:
     def __call__(self, m: int):
         indices = self.sampler.indices(m, self.rank)
         rng = np.random.default_rng(derive_seed(self.seed, self.rank, m, "pairs"))
-        reals, _ = self.source.resolve(indices, rng)
-        images = [np.asarray(self.dataset[i].image) for i in reals]
+        rows = self.builder.sasi_rows(len(indices), rng)  # mix: only the synthetic half asks
+        reals, _ = self.source.resolve(indices, rng, rows)
+        images = [np.asarray(self.dataset[i].image) if ring_real is None else ring_real
+                  for i, ring_real in zip(reals, self.source.real_images)]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(self.seed, self.rank, m, "augment"))
-            return self.builder.build(images, reals, rng)
-
-
-def trainer_device() -> torch.device:
-    """The device DeepSpeed gives this trainer: its local GPU, else the CPU."""
-    if torch.cuda.is_available():
-        import os
-
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
-@contextlib.contextmanager
-def trainer_only_barriers(trainer_group: Any):
-    """Confine DeepSpeed's world barriers to the trainers while they save.
-
-    `engine.save_checkpoint` calls `deepspeed.comm.barrier()` without a group, i.e. on every
-    rank, producers included, which are busy generating. The save touches trainer state only,
-    so its barriers are pointed at the trainer group for the duration (ZeRO 0-2 measured).
-    """
-    import deepspeed.comm as ds_comm
-
-    original = ds_comm.barrier
-
-    def barrier(group=None, *args, **kwargs):
-        return original(trainer_group if group is None else group, *args, **kwargs)
-
-    ds_comm.barrier = barrier
-    try:
-        yield
-    finally:
-        ds_comm.barrier = original
+            return self.builder.build(images, reals, rng, sasi_rows=rows)
 
 
 class OnlineTrainer:
-    """Ring + receiver + coordination on one trainer rank."""
+    """Ring + feed (launched: producer ranks over gloo; colocated: a producer in this
+    process) + bookkeeping on one trainer rank."""
 
-    def __init__(self, cfg: Any, roles: Any, dataset_size: int, device: Any = None, as_numpy: bool = False):
+    def __init__(self, cfg: Any, roles: Any, dataset: Any, sampler: Any, device: Any = None,
+                 as_numpy: bool = False):
         from .metrics import OnlineMetrics
         from .protocol import Coordination
-        from .transport import SasiReceiver, default_store
-
         from .settings import check_online_config
+        from .transport import default_store
 
         check_online_config(cfg)
         o = cfg.online
-        res = cfg.generation.resolution
-        self.cfg, self.roles = cfg, roles
+        shape = slot_shape(cfg)  # [SASI, its real image] at the trainer's side
+        self.cfg, self.roles, self.dataset = cfg, roles, dataset
         self.rank = roles.rank
         self.is_main = roles.trainer_rank == 0
         self.device = torch.device(device) if device is not None else trainer_device()
-        self.ring = RingPool(o.ring_slots, (res, res, 3), self.device, max_reuse=o.max_reuse, max_age=o.max_age)
-        store_source = None
-        from sasi_online.data.store import HEADER
-
-        if cfg.store.path and Path(cfg.store.path, HEADER).is_file() and not cfg.store.write_online:
-            from sasi_online.data.sasi_source import StoreSource
-            from sasi_online.data.store import SasiStore
-
-            store_source = StoreSource(SasiStore.open(cfg.store.path))
-        self.source = RingSource(self.ring, store_source, as_numpy=as_numpy)
+        self.ring = RingPool(o.ring_slots, shape, self.device, max_reuse=o.max_reuse, max_age=o.max_age,
+                             dataset_size=len(dataset))
+        self.source = RingSource(self.ring, self._store_source(cfg), as_numpy=as_numpy)
         self.coord = Coordination(default_store(), roles.num_trainers)
-        recv_device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
-        self.receiver = SasiReceiver(roles.producer_ranks, o.send_batch, (res, res, 3), roles.transport_group,
-                                     buffers=o.credits, store=self.coord.store, device=recv_device)
+        if o.mode == "colocated":
+            from .colocated import ColocatedFeed
+
+            self.feed = ColocatedFeed(cfg, roles, dataset, sampler, self.coord, self.device)
+        else:
+            from .feeds import LaunchedFeed
+
+            self.feed = LaunchedFeed(cfg, roles, self.coord, pin=self.device.type == "cuda")
         self.backlog: list[tuple[int, int, torch.Tensor]] = []
-        self.per_image = np.zeros(dataset_size, dtype=np.int64)  # SASI received per image, this trainer
+        self.per_image = np.zeros(len(dataset), dtype=np.int64)  # SASI received per image, this trainer
         self.counts: Counter = Counter()  # received, arrived_after_end
         self.poll_s = 0.0
         self.saves = 0
         self.finished = False
         self.started = False
         self.start_wait_s = 0.0
-        self.metrics = OnlineMetrics(self, roles.trainer_group)
-        print(f"online: trainer rank {self.rank} ring of {o.ring_slots} slots x {res}x{res}x3 uint8 = "
-              f"{self.ring.nbytes / 2**20:.1f} MiB on {self.device}, fixed for the run", flush=True)
+        self.metrics = OnlineMetrics(self)
+        side = shape[1]
+        print(f"online ({o.mode}): trainer rank {self.rank} ring of {o.ring_slots} slots x (SASI + real image) "
+              f"{side}x{side}x3 uint8 = {self.ring.nbytes / 2**20:.1f} MiB on {self.device}, fixed for the run",
+              flush=True)
+
+    @staticmethod
+    def _store_source(cfg: Any) -> Any:
+        from sasi_online.data.store import HEADER
+
+        if cfg.store.path and Path(cfg.store.path, HEADER).is_file() and not cfg.store.write_online:
+            from sasi_online.data.sasi_source import StoreSource
+            from sasi_online.data.store import SasiStore
+
+            return StoreSource(SasiStore.open(cfg.store.path))
+        return None
 
     def micro_batches(self, dataset, sampler, builder, seed: int, trainer_rank: int) -> "OnlineMicroBatches":
         return OnlineMicroBatches(dataset, sampler, builder, seed, trainer_rank, self.source)
+
+    def producer_stats(self) -> list[dict]:
+        return self.feed.producer_stats()
 
     # ------------------------------------------------------------------ each micro-step
     def _ingest(self, batch, step: int) -> None:
@@ -211,8 +238,8 @@ class OnlineTrainer:
 
     def _place(self, step: int) -> None:
         keep = []
-        for idx, var, img in self.backlog:
-            if keep or not self.ring.put(idx, var, img.to(self.device), step):
+        for idx, var, img in self.backlog:  # host images (pinned on a GPU) copy in with non_blocking
+            if keep or not self.ring.put(idx, var, img, step):
                 keep.append((idx, var, img))  # FIFO: later arrivals wait behind a refused one
         self.backlog = keep
 
@@ -223,11 +250,16 @@ class OnlineTrainer:
         if self.is_main:
             self.coord.publish_step(m)
         t0 = time.perf_counter()
+        self.feed.start()
         want = min(self.cfg.online.start_sasi, self.ring.slots)
-        while int((self.ring.index >= 0).sum()) < want and not self.receiver.all_stopped:
-            for batch in self.receiver.poll():
+        while int((self.ring.index >= 0).sum()) < want and not self.feed.exhausted:
+            got = self.feed.poll(m, start=True)
+            for batch in got:
                 self._ingest(batch, m)
-            time.sleep(0.01)
+            if not got and self.feed.idle:
+                if self.cfg.online.mode == "colocated":
+                    break  # nothing more to plan before the first step
+                time.sleep(0.01)
         self.start_wait_s = time.perf_counter() - t0
         self.started = True
 
@@ -240,36 +272,35 @@ class OnlineTrainer:
         self.source.step = m
         self._place(m)
         if not self.backlog:  # backpressure: take nothing new while the ring refuses
-            for batch in self.receiver.poll():
+            for batch in self.feed.poll(m):
                 self._ingest(batch, m)
         self.poll_s += time.perf_counter() - t0
 
     # ------------------------------------------------------------------ checkpoints
-    def _state(self) -> dict:
+    def _state(self, micro_step: int) -> dict:
+        """Metadata and counters only: no pixels of the ring or of the backlog (a resume
+        counts them as dropped and refills from the store and the producers)."""
         return {"ring": self.ring.state_dict(), "source_counts": dict(self.source.counts),
                 "counts": dict(self.counts), "per_image": torch.from_numpy(self.per_image.copy()),
-                "backlog": [{"index": i, "variant": v, "image": im.cpu()} for i, v, im in self.backlog]}
+                "backlog": {"index": torch.tensor([i for i, _, _ in self.backlog], dtype=torch.int64),
+                            "variant": torch.tensor([v for _, v, _ in self.backlog], dtype=torch.int64),
+                            "step": micro_step}}
 
     def save(self, ckpt_dir: Path, step: int, micro_step: int, save_fn) -> None:
-        """A quiet checkpoint: take every message producers sent before it, then save."""
+        """A quiet checkpoint: take every SASI made before it, then save (every trainer)."""
         from sasi_online.training.checkpoint import tag_of
 
         self.saves += 1
-        k = self.coord.request_save(step) if self.is_main else self.saves
-        for p in self.roles.producer_ranks:
-            target = self.coord.sent_by(k, p).get(self.rank, 0)
-            while self.receiver.messages[p] < target:
-                for batch in self.receiver.poll():
-                    self._ingest(batch, micro_step)
-                time.sleep(0.0005)
+        k = self.coord.request_save(step) if self.is_main and self.roles.num_producers else self.saves
+        self.feed.quiet_point(k, lambda batch: self._ingest(batch, micro_step))
         folder = ckpt_dir / tag_of(step)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / RING_STATE.format(rank=self.roles.trainer_rank)
-        torch.save(self._state(), path.with_suffix(".tmp"))
+        torch.save(self._state(micro_step), path.with_suffix(".tmp"))
         path.with_suffix(".tmp").replace(path)
-        with trainer_only_barriers(self.roles.trainer_group):
-            save_fn()
-        if self.is_main:
+        self.feed.save_state(folder)
+        save_fn()  # checkpoint.save: DeepSpeed's barriers on the control group
+        if self.is_main and self.roles.num_producers:
             self.coord.mark_saved(k)
 
     def load(self, ckpt_dir: Path, step: int) -> None:
@@ -280,7 +311,7 @@ class OnlineTrainer:
         if not path.is_file():
             raise UserInputError(f"checkpoint '{path.parent}' has no ring state ({path.name}); it was not "
                                  f"written by an online run with this many trainers: resume with the same "
-                                 f"online.producers and number of ranks, or use a new train.out")
+                                 f"online.mode, online.producers and number of ranks, or use a new train.out")
         state = torch.load(path, weights_only=True)
         self.ring.load_state_dict(state["ring"])
         self.source.counts = Counter(state["source_counts"])
@@ -290,18 +321,55 @@ class OnlineTrainer:
             raise UserInputError(f"ring state in '{path}' is for {per_image.shape[0]} images, the dataset has "
                                  f"{self.per_image.shape[0]}: resume with the same data settings")
         self.per_image = per_image.copy()
-        self.backlog = [(int(b["index"]), int(b["variant"]), b["image"]) for b in state["backlog"]]
+        b = state["backlog"]
+        if isinstance(b, list):  # written before checkpoints dropped the backlog's pixels
+            b = {"index": torch.tensor([int(x["index"]) for x in b], dtype=torch.int64),
+                 "variant": torch.tensor([int(x["variant"]) for x in b], dtype=torch.int64),
+                 "step": step * self.cfg.train.grad_accum}
+        self.ring.drop_pending(b["index"].tolist(), b["variant"].tolist(), int(b["step"]))
+        self.backlog = []
+        self.feed.load_state(path.parent)
+        self.refill_from_store(step * self.cfg.train.grad_accum)
         self.metrics.resumed(step * self.cfg.train.grad_accum)
+
+    def refill_from_store(self, micro_step: int) -> int:
+        """After a resume: put back the dropped SASI that the store behind the run holds
+        (store.write_online), resized to the slots with their real images. Producers refill
+        the rest. Returns how many came back."""
+        from sasi_online.data.store import HEADER
+
+        s = self.cfg.store
+        if not (s.write_online and s.path and Path(s.path, HEADER).is_file()) or not self.ring.dropped_entries["index"].size:
+            return 0
+        from sasi_online.data.store import SasiStore
+        from sasi_online.errors import CorruptImageError
+
+        store, side = SasiStore.open(s.path), self.ring.image_shape[1]
+
+        def load(index: int, variant: int) -> Optional[torch.Tensor]:
+            try:
+                image = store.get(index, variant)
+            except CorruptImageError:
+                return None
+            if image is None:
+                return None
+            return make_slots(np.asarray(image)[None], [self.dataset[index].image], side)[0]
+
+        done = self.ring.refill(load, micro_step)
+        print(f"online: trainer rank {self.rank} refilled {done} of the ring's SASI from store '{s.path}' "
+              f"({self.ring.dropped_at_resume} dropped at resume in all)", flush=True)
+        return done
 
     # ------------------------------------------------------------------ end
     def summary(self, module: Any = None) -> dict:
-        """Run totals over all trainers (collective on the trainer group)."""
+        """Run totals over all trainers (collective on the control group)."""
+        from .groups import control_reduce
+
         local = [self.source.counts[k] for k in OUTCOMES] + [self.counts["received"], len(self.backlog)]
-        tot = torch.tensor(local, dtype=torch.float64)
-        dist.all_reduce(tot, group=self.roles.trainer_group)
-        out = {"outcomes": {k: int(v) for k, v in zip(OUTCOMES, tot[:4].tolist())},
-               "sasi_received": int(tot[4]), "backlog": int(tot[5]),
-               "producers": [self.coord.producer_stats(i) for i in range(len(self.roles.producer_ranks))]}
+        tot = control_reduce(local, "sum")
+        out = {"mode": self.cfg.online.mode,
+               "outcomes": {k: int(v) for k, v in zip(OUTCOMES, tot[:4].tolist())},
+               "sasi_received": int(tot[4]), "backlog": int(tot[5]), "producers": self.producer_stats()}
         if module is not None:
             out["replica_max_abs_diff"] = replica_divergence(module, self.roles.trainer_group,
                                                              self.roles.trainer_ranks[0])
@@ -314,6 +382,7 @@ class OnlineTrainer:
         throughput plots there."""
         if self.finished:
             return {}
+        self.feed.publish_final()  # a co-located producer's last stats, before the summary reads them
         summary = self.summary(module)
         if out_dir is not None:
             from sasi_online.utils import atomic_write_json
@@ -325,21 +394,20 @@ class OnlineTrainer:
                 plot_online_run(out_dir)
         self.finished = True
         self.coord.trainer_finished()
-        while not self.receiver.all_stopped:
-            for batch in self.receiver.poll():
-                self.counts["arrived_after_end"] += len(batch.indices)
-            time.sleep(0.001)
-        dist.barrier(group=self.roles.transport_group)
+        self.feed.finish(lambda batch: self.counts.update(arrived_after_end=len(batch.indices)))
+        self.feed.meet_at_end()
         return summary
 
 
 def replica_divergence(module: torch.nn.Module, group: Any, src: int) -> float:
     """Largest |parameter - the first trainer's| over all trainers: data-parallel replicas
-    must agree; a drift means the ring or a hook changed the step on one trainer only."""
-    worst = torch.zeros(1, dtype=torch.float64)
+    must agree; a drift means the ring or a hook changed the step on one trainer only.
+    Parameters travel on the model plane (their device); the maximum on the control plane."""
+    from .groups import control_reduce
+
+    worst = torch.zeros((), dtype=torch.float64, device=next(module.parameters()).device)
     for p in module.parameters():
         ref = p.detach().clone()
         dist.broadcast(ref, src=src, group=group)
-        worst = torch.maximum(worst, (p.detach() - ref).abs().max().to(torch.float64).cpu().reshape(1))
-    dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)
-    return float(worst)
+        worst = torch.maximum(worst, (p.detach() - ref).abs().max().to(torch.float64))
+    return float(control_reduce([float(worst.cpu())], "max")[0])
