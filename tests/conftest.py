@@ -7,6 +7,8 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# model-identity file hashes: a per-session cache, not the user's ~/.cache
+os.environ.setdefault("SASI_CACHE_DIR", __import__("tempfile").mkdtemp(prefix="sasi-test-cache-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -24,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", type=int, help="rewrites per image (semantics.variants)")
     parser.add_argument("--grid-rows", type=int, default=8, help="images shown in grid.png")
     parser.add_argument("--strict", action="store_true", help="stop at a corrupt image instead of skipping it")
+    parser.add_argument("--device", help="where the captioner, rewriter and segmenter run: auto (cuda if "
+                                         "present), cpu, cuda, cuda:N (semantics.device; semantics.dtype "
+                                         "sets their precision)")
     parser.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
 
 
@@ -45,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"semantics.variants={args.variants}")
     if args.strict:
         overrides.append("data.strict=true")
+    if args.device:
+        overrides.append(f"semantics.device={args.device}")
     cfg = load_config(args.config, overrides)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -67,7 +72,9 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     # as `sasi generate` builds it (visual.segment_size), so the previewed mask maps are the ones used
-    segmenter = Segmenter.from_config(cfg.models, cfg.visual) if needs_mask(cfg.visual.kind) else None
+    segmenter = (Segmenter.from_config(cfg.models, cfg.visual, device=text.captioner.device,
+                                       dtype=next(text.captioner.model.parameters()).dtype)
+                 if needs_mask(cfg.visual.kind) else None)
     vps = build_visual_prompts([s.image for s in rows_s], [s.index for s in rows_s], rewrite_ids,
                                cfg=cfg.visual, resolution=cfg.generation.resolution,
                                base_seed=cfg.generation.seed, segmenter=segmenter,

@@ -21,19 +21,30 @@ log = logging.getLogger(__name__)
 class ClipSimilarity:
     """Batched, L2-normalised CLIP image embeddings and their cosines."""
 
-    def __init__(self, model_dir: Any, device: str = "cpu", batch_size: int = 32):
+    def __init__(self, model_dir: Any, device: Any = "cpu", batch_size: int = 32, dtype: Any = None,
+                 variant: Optional[str] = None):
         from sasi_online.zoo import load_clip  # checks the folder, names what is missing
 
-        self.processor, self.model = load_clip(model_dir, device=device)
-        self.device = device
+        self.processor, self.model = load_clip(model_dir, device=device, dtype=dtype, variant=variant)
+        self.device = torch.device(device)
+        self.dtype = next(self.model.parameters()).dtype  # `dtype`, float32 when None
         self.batch_size = batch_size
+
+    @classmethod
+    def from_config(cls, cfg: Any, batch_size: int = 32) -> "ClipSimilarity":
+        """models.clip / models.variant on filter.device in filter.dtype."""
+        from sasi_online.semantics.runtime import device_and_dtype
+
+        device, dtype = device_and_dtype(cfg.filter, "filter")
+        return cls(cfg.models.path("clip"), device=device, batch_size=batch_size, dtype=dtype,
+                   variant=getattr(cfg.models, "variant", None))
 
     @torch.inference_mode()
     def embed(self, images: Sequence[Image.Image]) -> torch.Tensor:
         out = []
         for start in range(0, len(images), self.batch_size):
             chunk = [im.convert("RGB") for im in images[start:start + self.batch_size]]
-            pixels = self.processor(images=chunk, return_tensors="pt")["pixel_values"].to(self.device)
+            pixels = self.processor(images=chunk, return_tensors="pt")["pixel_values"].to(self.device, self.dtype)
             feats = self.model.get_image_features(pixel_values=pixels)
             feats = getattr(feats, "pooler_output", feats)  # an output object in transformers 5
             out.append(torch.nn.functional.normalize(feats.float(), dim=-1).cpu())

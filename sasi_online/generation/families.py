@@ -50,6 +50,7 @@ class Family:
     dtype: Any
     image_processor: Any = None
     control_image_processor: Any = None
+    variant: Optional[str] = None  # weight variant asked for (models.variant)
     _controlnet: Optional[Any] = field(default=None, repr=False)
     on_controlnet_load: Optional[Any] = field(default=None, repr=False)  # e.g. set its attention
 
@@ -65,32 +66,40 @@ class Family:
 
             # configs only: a mismatched pair is refused before any weights load
             check_controlnet_matches(self.folder, self.controlnet_folder)
-            self._controlnet = load_controlnet(self.controlnet_folder, self.device, self.dtype)
+            self._controlnet = load_controlnet(self.controlnet_folder, self.device, self.dtype, self.variant)
             if self.on_controlnet_load is not None:
                 self.on_controlnet_load(self._controlnet)
         return self._controlnet
 
 
 def load_family(name: str, models_cfg: Any, device: Any, dtype: Any) -> Family:
-    """Load the base components of family `name` (sd15 | sd21) from local folders only."""
+    """Load the base components of family `name` (sd15 | sd21) from local folders only, in
+    `dtype` on `device`; the weight files (variant, format) are chosen by the zoo's loaders
+    (an fp16-only download works as it is)."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from diffusers.image_processor import VaeImageProcessor
     from transformers import AutoTokenizer, CLIPTextModel
 
     from sasi_online.zoo import require_sd_folder
+    from sasi_online.zoo.loaders import sd_component_kwargs
 
     base_field, cn_field = FAMILY_FOLDERS[name]
-    folder = require_sd_folder(models_cfg.path(base_field))
+    variant = getattr(models_cfg, "variant", None)
+    folder = require_sd_folder(models_cfg.path(base_field), variant)
     kw = dict(local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"), **kw)
-    text_encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), dtype=dtype, **kw)
-    unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"), torch_dtype=dtype, **kw)
-    vae = AutoencoderKL.from_pretrained(str(folder / "vae"), torch_dtype=dtype, **kw)
+    text_encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), dtype=dtype, **kw,
+                                                 **sd_component_kwargs(folder, "text_encoder", variant))
+    unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"), torch_dtype=dtype, **kw,
+                                                **sd_component_kwargs(folder, "unet", variant))
+    vae = AutoencoderKL.from_pretrained(str(folder / "vae"), torch_dtype=dtype, **kw,
+                                        **sd_component_kwargs(folder, "vae", variant))
     scheduler_config = dict(DDIMScheduler.load_config(str(folder / "scheduler"), **kw))
     fam = Family(
         name=name, folder=folder, controlnet_folder=models_cfg.path(cn_field), tokenizer=tokenizer,
         text_encoder=text_encoder.to(device).eval(), unet=unet.to(device).eval(),
         vae=vae.to(device).eval(), scheduler_config=scheduler_config, device=device, dtype=dtype,
+        variant=variant,
     )
     # diffusers' own processors, so resizing/normalising matches its pipelines exactly
     fam.image_processor = VaeImageProcessor(vae_scale_factor=fam.vae_scale_factor)

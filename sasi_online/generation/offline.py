@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from sasi_online.data.store import SasiStore, settings_hash
+from sasi_online.data.store import REPORTS, SasiStore, settings_hash
 from sasi_online.errors import CorruptImageError, UserInputError
 from sasi_online.utils import atomic_write_json, chunked, save_grid
 
@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 GEN_KINDS = ("image", "mask", "mix", "noise", "direct")  # direct: text only (paper Table 8)
 # settings that change how fast, not what is generated
-RUNTIME_ONLY = ("batch_size", "backend", "attention", "engine_dir", "device")
+RUNTIME_ONLY = ("batch_size", "backend", "attention", "engine_dir", "device", "compile_mode", "pad_batches",
+                "channels_last", "fuse_qkv")
 GRID_ROWS = 8
 TIMING_FILE, GRID_FILE, CAPTION_CACHE = "timing.json", "grid.png", "captions.jsonl"
 
@@ -56,15 +57,20 @@ class RunSummary:
 def generation_settings(cfg: Any, kind: str) -> dict:
     """Everything that decides what a SASI looks like (the store's settings hash)."""
     gen = {k: v for k, v in dataclasses.asdict(cfg.generation).items() if k not in RUNTIME_ONLY}
-    sem = {k: v for k, v in dataclasses.asdict(cfg.semantics).items() if k != "batch_size"}
+    # semantics.device only moves the work; semantics.dtype at its default is left out, so stores
+    # made before these keys existed keep their settings hash
+    sem = {k: v for k, v in dataclasses.asdict(cfg.semantics).items()
+           if k not in ("batch_size", "device") and not (k == "dtype" and v == "auto")}
     vis = dataclasses.asdict(cfg.visual)
     vis["kind"] = kind
     return {"generation": gen, "semantics": sem if cfg.generation.text == "model" else {},
             "visual": vis}
 
 
-def model_hashes(cfg: Any, kind: str, text_folders: list[str]) -> dict:
-    """Content hashes of every model folder this run uses (store header)."""
+def model_hashes(cfg: Any, kind: str, text_folders: list[str], store_path: Any = None) -> dict:
+    """Model identities (zoo.model_hash: configs + the weights loaded) of every model folder this
+    run uses, for the store header. A store made under the identity of earlier versions keeps
+    it where that is still these files (checked once; the pair is kept in STORE/models_identity.json)."""
     from sasi_online.zoo import model_hash
 
     fam = family_for(kind, cfg.generation.family)
@@ -72,7 +78,47 @@ def model_hashes(cfg: Any, kind: str, text_folders: list[str]) -> dict:
     names = [base] + ([cn] if kind in ("mask", "mix") else []) + list(text_folders)
     if kind in ("mask", "mix"):
         names.append("segmenter")
-    return {getattr(cfg.models, n): model_hash(cfg.models.path(n)) for n in names}
+    variant = getattr(cfg.models, "variant", None)
+    hashes = {getattr(cfg.models, n): model_hash(cfg.models.path(n), variant) for n in names}
+    if store_path is not None:
+        hashes = _keep_legacy_identities(Path(store_path), hashes, {getattr(cfg.models, n): cfg.models.path(n)
+                                                                    for n in names})
+    return hashes
+
+
+IDENTITY_FILE = "models_identity.json"
+
+
+def _keep_legacy_identities(store: Path, hashes: dict, folders: dict) -> dict:
+    """Where the store header names a model by its old identity and that is still what the
+    folder holds, use the old one (so the store still matches) and record the new beside it."""
+    import json
+
+    from sasi_online.zoo import legacy_model_hash
+
+    from sasi_online.data.store import HEADER
+
+    if not (store / HEADER).is_file():
+        return hashes  # a new store
+    try:
+        had = json.loads((store / HEADER).read_text(encoding="utf-8")).get("models") or {}
+        pairs = store / IDENTITY_FILE
+        known = json.loads(pairs.read_text(encoding="utf-8")) if pairs.is_file() else {}
+    except (OSError, ValueError, AttributeError):
+        return hashes  # the store's own checks report a damaged header
+    out, changed = dict(hashes), False
+    for name, new in hashes.items():
+        old = had.get(name) if isinstance(had, dict) else None
+        if old is None or old == new:
+            continue
+        if known.get(name, {}).get("identity") == new and known[name].get("legacy") == old:
+            out[name] = old
+        elif legacy_model_hash(folders[name]) == old:
+            out[name], known[name], changed = old, {"legacy": old, "identity": new}, True
+            log.info("store %s: model %s keeps its earlier identity %s (now %s)", store, name, old, new)
+    if changed:
+        atomic_write_json(store / IDENTITY_FILE, known)
+    return out
 
 
 def dataset_identity(ds: Any) -> dict:
@@ -133,7 +179,8 @@ def generate_store(cfg: Any, store_path: str | Path, *, kind: Optional[str] = No
     gen = generator or SASIGenerator.from_config(cfg.models, cfg.generation)
     settings = generation_settings(cfg, kind)
     store = SasiStore.create(store_path, dataset=dataset_identity(ds),
-                             models=model_hashes(cfg, kind, text_model_folders(cfg)), settings=settings,
+                             models=model_hashes(cfg, kind, text_model_folders(cfg), store_path),
+                             settings=settings,
                              image_format=cfg.store.image_format, allow_new_settings=allow_new_settings)
     try:
         # captions are cached in the store (keyed by image, SEP and model hash): reruns skip them
@@ -142,7 +189,7 @@ def generate_store(cfg: Any, store_path: str | Path, *, kind: Optional[str] = No
         if kind in ("mask", "mix"):
             from sasi_online.visual.segmenter import Segmenter
 
-            segmenter = Segmenter.from_config(cfg.models, cfg.visual, device=str(gen.device))
+            segmenter = Segmenter.from_config(cfg.models, cfg.visual, device=gen.device, dtype=gen.dtype)
     except Exception:
         store.close()
         raise
@@ -209,9 +256,9 @@ def generate_store(cfg: Any, store_path: str | Path, *, kind: Optional[str] = No
         summary.wall_seconds = time.perf_counter() - t_start
         summary.seconds = seconds
         if summary.generated or summary.failed:
-            atomic_write_json(Path(store_path) / TIMING_FILE, {"kind": kind, **summary.to_dict()})
+            atomic_write_json(Path(store_path) / REPORTS / TIMING_FILE, {"kind": kind, **summary.to_dict()})
             if grid:
-                save_grid(grid, Path(store_path) / GRID_FILE, titles=["real", "visual prompt", "SASI"])
+                save_grid(grid, Path(store_path) / REPORTS / GRID_FILE, titles=["real", "visual prompt", "SASI"])
     return summary
 
 

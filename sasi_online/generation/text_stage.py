@@ -29,23 +29,25 @@ class ClassNameText:
     def rewrites(self, captions: Sequence[str], samples: Sequence[Any], rewrite_indices: Sequence[int]) -> list[str]:
         return list(captions)
 
+    def model_folders(self) -> list[str]:
+        return []  # no language models: nothing to name in a store header
+
 
 class ModelText:
     """BLIP-2 captions (cached per image in `cache_path`, so reruns skip them) and LLM rewrites."""
 
-    def __init__(self, cfg: Any, device: str = "cpu", cache_path: Any = None):
+    def __init__(self, cfg: Any, device: Any = None, cache_path: Any = None):
         from sasi_online.semantics.captioner import Captioner
         from sasi_online.semantics.rewriter import Rewriter
 
-        sc = cfg.semantics
+        # semantics.device / semantics.dtype; device `auto` = `device` (the generator's) when given
         self.cfg = cfg
-        self.captioner = Captioner(cfg.models.path("captioner"), sep=sc.sep, device=device,
-                                   batch_size=sc.batch_size, max_new_tokens=sc.max_new_tokens_caption,
-                                   cache_path=cache_path)
-        self.rewriter = Rewriter(cfg.models.path("rewriter") if sc.rewrite_mode != "none" else None,
-                                 mode=sc.rewrite_mode, num_examples=sc.num_examples,
-                                 load_in_8bit=sc.load_in_8bit, device=device, batch_size=sc.batch_size,
-                                 max_new_tokens=sc.max_new_tokens_rewrite, seed=sc.seed)
+        self.captioner = Captioner.from_config(cfg, device=device, cache_path=cache_path)
+        self.rewriter = Rewriter.from_config(cfg, device=device)
+
+    def model_folders(self) -> list[str]:
+        """ModelsConfig fields of the language models in use (store headers name them)."""
+        return text_model_folders(self.cfg)
 
     def captions(self, samples: Sequence[Any]) -> list[str]:
         # variants of one image sit side by side in a batch: caption each image once
@@ -71,7 +73,7 @@ def text_model_folders(cfg: Any) -> list[str]:
     return ["captioner"] + ([] if cfg.semantics.rewrite_mode == "none" else ["rewriter"])
 
 
-def make_text_source(cfg: Any, dataset: Any, device: str = "cpu", cache_path: Any = None) -> Any:
+def make_text_source(cfg: Any, dataset: Any, device: Any = None, cache_path: Any = None) -> Any:
     choice = cfg.generation.text
     if choice == "class_name":
         return ClassNameText(getattr(dataset, "classes", []))

@@ -38,6 +38,9 @@ class JsonlCache:
     def __len__(self) -> int:
         return len(self._values)
 
+    def keys(self) -> list[str]:
+        return list(self._values)
+
     def get(self, key: str) -> Optional[str]:
         return self._values.get(key)
 

@@ -73,7 +73,7 @@ class Rewriter:
     def __init__(self, model_dir: str | Path | None, mode: str = "rewrite", num_examples: int = 5,
                  load_in_8bit: bool = False, device: Any = "cpu", batch_size: int = 16,
                  max_new_tokens: int = 40, do_sample: bool = False, temperature: float = 0.7,
-                 top_p: float = 0.9, seed: int = 0, dtype: Any = None):
+                 top_p: float = 0.9, seed: int = 0, dtype: Any = None, variant: Optional[str] = None):
         self.mode = srp_pool.check_mode(mode)
         if batch_size < 1 or max_new_tokens < 1:
             raise UserInputError(
@@ -98,8 +98,22 @@ class Rewriter:
                                      "semantics.rewrite_mode=none")
             from sasi_online.zoo import load_rewriter
 
-            self.tokenizer, self.model = load_rewriter(model_dir, device=device,
-                                                       load_in_8bit=load_in_8bit, dtype=dtype)
+            self.tokenizer, self.model = load_rewriter(model_dir, device=device, load_in_8bit=load_in_8bit,
+                                                       dtype=dtype, variant=variant)
+
+    @classmethod
+    def from_config(cls, cfg: Any, device: Any = None) -> "Rewriter":
+        """The rewriter `cfg` asks for: models.rewriter / models.variant, semantics.* (device
+        `auto` = `device` when given, e.g. the generator's)."""
+        from sasi_online.semantics.runtime import device_and_dtype
+
+        sc = cfg.semantics
+        dev, dtype = device_and_dtype(sc, "semantics", device)
+        return cls(cfg.models.path("rewriter") if sc.rewrite_mode != "none" else None, mode=sc.rewrite_mode,
+                   num_examples=sc.num_examples, load_in_8bit=sc.load_in_8bit, device=dev,
+                   batch_size=sc.batch_size, max_new_tokens=sc.max_new_tokens_rewrite, do_sample=sc.do_sample,
+                   temperature=sc.temperature, top_p=sc.top_p, seed=sc.seed, dtype=dtype,
+                   variant=getattr(cfg.models, "variant", None))
 
     # ------------------------------------------------------------------ generation
     def _stop_ids(self) -> list[int]:

@@ -27,13 +27,13 @@ class Segmenter:
     """
 
     def __init__(self, model_dir: str | Path, device: str = "cpu", batch_size: int = 16,
-                 size: Optional[int] = None, dtype: Any = None):
+                 size: Optional[int] = None, dtype: Any = None, variant: Optional[str] = None):
         import torch
 
         from sasi_online.zoo import load_segmenter  # checks the folder, names what is missing
 
         model_dir = Path(model_dir)
-        self.processor, self.model = load_segmenter(model_dir, device=device)
+        self.processor, self.model = load_segmenter(model_dir, device=device, dtype=dtype, variant=variant)
         num_labels = self.model.config.num_labels
         if num_labels > NUM_CLASSES:
             raise ModelFolderError(
@@ -41,18 +41,18 @@ class Segmenter:
                 f"palette of {NUM_CLASSES} classes that ControlNet-seg was trained on. Use an ADE20K model."
             )
         self.device = torch.device(device)
-        if dtype is not None:
-            self.model.to(dtype=dtype)
-        self.dtype = dtype or next(self.model.parameters()).dtype
+        self.dtype = next(self.model.parameters()).dtype  # `dtype`, float32 when None
         self.batch_size = max(1, int(batch_size))
         self.size = size
         self.model_dir = model_dir
         log.info("segmenter %s: %d classes, input side %s", model_dir, num_labels, size or "processor default")
 
     @classmethod
-    def from_config(cls, models_cfg: Any, visual_cfg: Any, device: str = "cpu", batch_size: int = 16) -> "Segmenter":
+    def from_config(cls, models_cfg: Any, visual_cfg: Any, device: Any = "cpu", batch_size: int = 16,
+                    dtype: Any = None) -> "Segmenter":
+        """On `device` in `dtype` (the generator's, where it runs beside one; float32 when None)."""
         return cls(models_cfg.path("segmenter"), device=device, batch_size=batch_size,
-                   size=visual_cfg.segment_size)
+                   size=visual_cfg.segment_size, dtype=dtype, variant=getattr(models_cfg, "variant", None))
 
     def _size_kwargs(self) -> dict:
         """The processor's own size schema, set to `self.size` (processors name it differently)."""
