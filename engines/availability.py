@@ -9,6 +9,10 @@ from dataclasses import dataclass
 from sasi_online.errors import UserInputError
 
 GPU_EXTRA = "pip install sasi_online[gpu] on a machine with an NVIDIA GPU"
+# TensorRT majors whose Python API the engines are written and tested against (setup.py pins
+# the gpu extra to the same range).
+TRT_MAJORS = (10, 11)
+TRT_PIN = ">=10,<12"
 
 
 class BackendUnavailable(UserInputError):
@@ -45,16 +49,27 @@ def _import(name: str):
         return None, exc
 
 
+def tensorrt_major(version: str) -> int:
+    head = str(version).split(".")[0]
+    return int(head) if head.isdigit() else 0
+
+
 def require_tensorrt():
     """`import tensorrt` or raise BackendUnavailable saying why."""
     trt, exc = _import("tensorrt")
     if trt is None:
         why = "is not installed" if isinstance(exc, ModuleNotFoundError) else f"failed to import ({exc})"
         raise BackendUnavailable(f"tensorrt {why}: {GPU_EXTRA}")
-    major = int(str(getattr(trt, "__version__", "0")).split(".")[0] or 0)
-    if major < 10:
-        raise BackendUnavailable(f"tensorrt {trt.__version__} is too old: this code uses the TensorRT >= 10 "
-                                 f"API (named tensors, execute_async_v3); {GPU_EXTRA}")
+    version = str(getattr(trt, "__version__", "0"))
+    major = tensorrt_major(version)
+    if major < TRT_MAJORS[0]:
+        raise BackendUnavailable(f"tensorrt {version} is too old: this code uses the TensorRT 10/11 API "
+                                 f"(named tensors, execute_async_v3, strongly typed networks); "
+                                 f"pip install 'tensorrt{TRT_PIN}'")
+    if major > TRT_MAJORS[-1]:
+        raise BackendUnavailable(f"tensorrt {version} is newer than the TensorRT majors this code is tested "
+                                 f"against ({', '.join(map(str, TRT_MAJORS))}; their documented Python APIs are "
+                                 f"in tests/fixtures/tensorrt_api/); pip install 'tensorrt{TRT_PIN}'")
     if not cuda_available():
         raise BackendUnavailable("tensorrt is installed but no CUDA GPU is visible: TensorRT engines run "
                                  "only on an NVIDIA GPU; use backend 'onnxruntime' or 'eager' here")

@@ -187,6 +187,9 @@ def export_graph(module: nn.Module, spec: GraphSpec, out_dir: str | Path, name: 
     name = name or spec.kind
     out_dir = Path(out_dir)
     final = out_dir / name
+    # The graph's float type is the module's: a TensorRT network built from it is strongly
+    # typed, so an fp16 engine comes from an fp16 export (TensorRT 11 has no FP16 flag).
+    spec.float_dtype = str(_module_dtype(module)).replace("torch.", "")
     fingerprint = module_fingerprint(module, spec)
     meta = final / "export.json"
     if meta.is_file() and not overwrite:

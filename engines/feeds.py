@@ -56,11 +56,22 @@ def unet_feeds(spec: GraphSpec, where: str, sample: torch.Tensor, t, encoder_hid
     return feeds
 
 
+_SCALES: dict[tuple, torch.Tensor] = {}
+
+
+def scale_tensor(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The (1,) conditioning-scale input, made once per (value, dtype, device): building it
+    from a Python float every step would be a host-to-device copy inside the loop."""
+    key = (float(value), dtype, str(device))
+    if key not in _SCALES:
+        _SCALES[key] = torch.full((1,), float(value), dtype=dtype, device=device)
+    return _SCALES[key]
+
+
 def controlled_feeds(sample: torch.Tensor, t, encoder_hidden_states: torch.Tensor,
                      control_image: torch.Tensor, conditioning_scale: float) -> dict[str, torch.Tensor]:
     """Inputs of the fused `unet_controlnet` graph."""
     return {"sample": sample, "timestep": timestep_batch(t, sample.shape[0], sample.dtype, sample.device),
             "encoder_hidden_states": encoder_hidden_states.to(sample.dtype),
             "control_image": control_image.to(device=sample.device, dtype=sample.dtype),
-            "conditioning_scale": torch.tensor([float(conditioning_scale)], dtype=sample.dtype,
-                                               device=sample.device)}
+            "conditioning_scale": scale_tensor(conditioning_scale, sample.dtype, sample.device)}

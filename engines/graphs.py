@@ -50,6 +50,7 @@ class GraphSpec:
     image_channels: int = 3  # vae_decoder output
     latent_multiple: int = 1  # UNets: latent sides must divide by 2**(levels - 1)
     vocab_size: int = 49408  # text_encoder: token ids are < this
+    float_dtype: str = _FLOAT  # every float input/output (float16 for a TensorRT fp16 graph)
     extra: dict = field(default_factory=dict)
 
     # -- names -----------------------------------------------------------------------
@@ -79,7 +80,7 @@ class GraphSpec:
         }[self.kind]
 
     def dtype(self, name: str) -> str:
-        return _INT64 if name == "input_ids" else _FLOAT
+        return _INT64 if name == "input_ids" else self.float_dtype
 
     # -- shapes ----------------------------------------------------------------------
     def latent_size(self, height: int, width: int) -> tuple[int, int]:

@@ -4,10 +4,16 @@ makes an engine valid (graph file hash, profile shapes, precision, TensorRT vers
 GPU name) — NVIDIA's diffusion demo's export → build → cache → run split.
 
 The profile and key computations are pure Python (tested everywhere); `build_engine`
-needs TensorRT >= 10 and a CUDA GPU, and says so when they are missing. Written
-against TensorRT's documented Python API: `trt.Builder`, `create_network(0)` (explicit
-batch is the only mode in TensorRT 10), `OnnxParser`, `create_builder_config`,
-`add_optimization_profile`, `set_timing_cache`, `build_serialized_network`.
+needs TensorRT 10 or 11 and a CUDA GPU, and says so when they are missing. Networks are
+strongly typed: precision comes from the exported ONNX graph (an fp16 export gives an
+fp16 engine), as TensorRT 11 requires (it removed `BuilderFlag.FP16/BF16`); the only
+flag set is TF32 for fp32 graphs, and only where `BuilderFlag` has it. Written against
+the documented Python API of both majors: `trt.Builder`, `create_network(flags)`,
+`NetworkDefinitionCreationFlag.STRONGLY_TYPED` (10.x; accepted on 11.x, where every
+network is strongly typed), `OnnxParser`, `create_builder_config`,
+`add_optimization_profile`, `create_timing_cache` / `set_timing_cache`,
+`build_serialized_network`. tests/test_trt_api.py runs this whole file, and the runtime,
+against fakes of both majors built from their documented attribute lists.
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ from sasi_online.utils import atomic_write_bytes, atomic_write_json
 Triple = tuple[int, int, int]
 Profile = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
 
-KEY_VERSION = 1  # bump when the key's meaning changes
+KEY_VERSION = 2  # bump when the key's meaning changes (2: strongly typed networks)
 
 
 @dataclass(frozen=True)
@@ -111,15 +117,52 @@ class EngineBuild:
     seconds: float
 
 
+PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def network_flags(trt) -> int:
+    """Creation flags of a strongly typed network: STRONGLY_TYPED where the enum has it (10.x;
+    11.x accepts it and types every network strongly anyway), else none."""
+    flag = getattr(getattr(trt, "NetworkDefinitionCreationFlag", None), "STRONGLY_TYPED", None)
+    return 1 << int(flag) if flag is not None else 0
+
+
+def precision_flags(trt, precision: str) -> list:
+    """Builder flags for `precision` that this TensorRT has. Strongly typed networks take
+    their types from the graph, so FP16/BF16 are never set (10.x refuses them on a strongly
+    typed network, 11.x removed them); TF32 (a math mode, not a type) speeds fp32 graphs."""
+    flags = []
+    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        flags.append(trt.BuilderFlag.TF32)
+    return flags
+
+
+def _check_graph_precision(spec: GraphSpec, folder: Path, precision: str) -> None:
+    want = PRECISION_DTYPES[precision]
+    if spec.float_dtype != want:
+        raise UserInputError(
+            f"the graph in '{folder}' was exported in {spec.float_dtype}, but a {precision} engine was asked "
+            f"for: TensorRT networks are strongly typed, so export the graph from a model in {want} "
+            f"(generation.dtype) or ask for precision "
+            f"'{next(k for k, v in PRECISION_DTYPES.items() if v == spec.float_dtype)}'")
+
+
 def build_engine(onnx_folder: str | Path, shapes: ShapeRange, cache_dir: str | Path, *,
-                 precision: str = "fp16", workspace_gib: float | None = None,
+                 precision: str | None = None, workspace_gib: float | None = None,
                  name: str | None = None) -> EngineBuild:
-    """Build (or find in the cache) the engine of an exported graph for `shapes`."""
+    """Build (or find in the cache) the engine of an exported graph for `shapes`.
+
+    `precision` defaults to the graph's own float type and must match it when given."""
     trt = require_tensorrt()
-    if precision not in ("fp32", "fp16", "bf16"):
-        raise UserInputError(f"precision '{precision}' is not one of fp32, fp16, bf16")
     folder = Path(onnx_folder)
     spec = load_spec(folder)
+    if spec.float_dtype not in PRECISION_DTYPES.values():
+        raise UserInputError(f"the graph in '{folder}' has float type {spec.float_dtype}; TensorRT engines "
+                             f"here are fp32, fp16 or bf16")
+    precision = precision or next(k for k, v in PRECISION_DTYPES.items() if v == spec.float_dtype)
+    if precision not in PRECISION_DTYPES:
+        raise UserInputError(f"precision '{precision}' is not one of {', '.join(PRECISION_DTYPES)}")
+    _check_graph_precision(spec, folder, precision)
     name = name or folder.name
     profile = compute_profile(spec, shapes)
     gpu = gpu_name()
@@ -128,41 +171,43 @@ def build_engine(onnx_folder: str | Path, shapes: ShapeRange, cache_dir: str | P
     path = engine_path(cache_dir, name, key)
     if path.is_file():
         return EngineBuild(path, key, True, 0.0)
-
     t0 = time.perf_counter()
+    serialized, timing = _build(trt, folder, profile, precision, workspace_gib,
+                                timing_cache_path(cache_dir, trt.__version__, gpu))
+    atomic_write_bytes(path, serialized)
+    atomic_write_bytes(timing_cache_path(cache_dir, trt.__version__, gpu), timing)
+    seconds = time.perf_counter() - t0
+    atomic_write_json(path.with_suffix(".json"), {
+        "graph": str(folder), "name": name, "key": key, "tensorrt": trt.__version__, "gpu": gpu,
+        "precision": precision, "strongly_typed": True, "seconds": round(seconds, 2),
+        "profile": {k: [list(s) for s in v] for k, v in profile.items()},
+    })
+    return EngineBuild(path, key, False, seconds)
+
+
+def _build(trt, folder: Path, profile: Profile, precision: str, workspace_gib: float | None,
+           tc_path: Path) -> tuple[bytes, bytes]:
+    """One strongly typed build; returns (serialized engine, serialized timing cache)."""
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)
+    network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path(folder))):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise UserInputError(f"TensorRT could not parse '{onnx_path(folder)}': {errors}")
     config = builder.create_builder_config()
-    if precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
-    elif precision == "bf16":
-        config.set_flag(trt.BuilderFlag.BF16)
+    for flag in precision_flags(trt, precision):
+        config.set_flag(flag)
     if workspace_gib:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
     opt_profile = builder.create_optimization_profile()
     for input_name, (lo, opt, hi) in profile.items():
         opt_profile.set_shape(input_name, lo, opt, hi)
     config.add_optimization_profile(opt_profile)
-
-    tc_path = timing_cache_path(cache_dir, trt.__version__, gpu)
     timing_cache = config.create_timing_cache(tc_path.read_bytes() if tc_path.is_file() else b"")
     config.set_timing_cache(timing_cache, ignore_mismatch=False)
-
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise BackendUnavailable(f"TensorRT failed to build an engine for '{folder}' (see its log above); "
                                  f"try precision='fp32' or a narrower profile")
-    atomic_write_bytes(path, bytes(serialized))
-    atomic_write_bytes(tc_path, bytes(config.get_timing_cache().serialize()))
-    seconds = time.perf_counter() - t0
-    atomic_write_json(path.with_suffix(".json"), {
-        "graph": str(folder), "name": name, "key": key, "tensorrt": trt.__version__, "gpu": gpu,
-        "precision": precision, "seconds": round(seconds, 2),
-        "profile": {k: [list(s) for s in v] for k, v in profile.items()},
-    })
-    return EngineBuild(path, key, False, seconds)
+    return bytes(serialized), bytes(config.get_timing_cache().serialize())

@@ -1,6 +1,6 @@
 """TensorRT engine runtime on torch CUDA memory, with CUDA graphs for static shapes.
 
-Written against TensorRT >= 10's documented API (`Runtime.deserialize_cuda_engine`,
+Written against the documented API of TensorRT 10 and 11 (`Runtime.deserialize_cuda_engine`,
 `create_execution_context`, `set_input_shape`, `set_tensor_address`,
 `execute_async_v3`); every TensorRT import is guarded. Inputs and outputs are torch
 tensors: no host copies, the engine runs on torch's current stream.
@@ -9,6 +9,9 @@ CUDA graphs: with `use_cuda_graph=True` the first call at a new set of input sha
 runs once to warm up, then captures the engine launch into a `torch.cuda.CUDAGraph`
 over static input/output buffers; later calls at the same shapes copy the inputs into
 those buffers and replay. A new shape captures a new graph (the old one is dropped).
+The generator pads every batch to one size, so a run captures one graph per engine.
+Graphs need a CUDA device; elsewhere (the fake TensorRT the tests run against) the
+engine launches directly on stream 0.
 """
 from __future__ import annotations
 
@@ -77,13 +80,15 @@ class TrtEngine:
         self._keep = bound  # alive until the launch is done
         return outs
 
-    def _launch(self, stream: torch.cuda.Stream) -> None:
-        if not self.context.execute_async_v3(stream.cuda_stream):
+    def _launch(self, stream) -> None:
+        handle = stream.cuda_stream if stream is not None else 0
+        if not self.context.execute_async_v3(handle):
             raise RuntimeError(f"TensorRT execution of '{self.path.name}' failed (see the log above)")
 
     def infer(self, inputs: dict[str, torch.Tensor], use_cuda_graph: bool = False) -> dict[str, torch.Tensor]:
-        stream = torch.cuda.current_stream(self.device)
-        if not use_cuda_graph:
+        on_cuda = self.device.type == "cuda"
+        stream = torch.cuda.current_stream(self.device) if on_cuda else None
+        if not (use_cuda_graph and on_cuda):
             outs = self._bind(inputs)
             self._launch(stream)
             return outs
@@ -115,12 +120,13 @@ class TrtUNetBackend:
     name = "tensorrt"
 
     def __init__(self, unet_engine: str | Path | None, unet_spec: GraphSpec | None = None,
-                 controlled_engine: str | Path | None = None, use_cuda_graph: bool = False):
+                 controlled_engine: str | Path | None = None, use_cuda_graph: bool = False,
+                 device: str | torch.device = "cuda"):
         if unet_engine is None and controlled_engine is None:
             raise UserInputError("TrtUNetBackend needs a 'unet' or a 'unet_controlnet' engine")
-        self.unet = TrtEngine(unet_engine) if unet_engine else None
+        self.unet = TrtEngine(unet_engine, device) if unet_engine else None
         self.spec = unet_spec
-        self.fused = TrtEngine(controlled_engine) if controlled_engine else None
+        self.fused = TrtEngine(controlled_engine, device) if controlled_engine else None
         self.fuses_controlnet = self.fused is not None
         self.use_cuda_graph = use_cuda_graph
 

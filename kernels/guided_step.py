@@ -14,7 +14,8 @@ x0 as diffusers does keeps the optional x0 clipping and matches diffusers' round
 The torch reference spells diffusers' formulas out with tensor ops (five full passes and
 temporaries); the Triton kernel reads uncond, text, latents (and noise) once and writes
 the next latents once. Per-step scalars come from a diffusers scheduler via
-``step_scalars(scheduler, t)`` so both paths are driven by the scheduler's own tables.
+``step_scalars(scheduler, t)`` so both paths are driven by the scheduler's own tables,
+read on the host from its CPU copy (`t` is the CPU timestep): no device read, no sync.
 """
 from __future__ import annotations
 
@@ -59,7 +60,15 @@ class StepScalars:
 
 
 def _as_int(t) -> int:
-    return int(t.item()) if isinstance(t, torch.Tensor) else int(t)
+    """A timestep as a Python int, read from the host: a device tensor is refused, because
+    reading it would be a host sync on every step (and would block CUDA-graph capture)."""
+    if isinstance(t, torch.Tensor):
+        if t.device.type != "cpu":
+            raise UserInputError(
+                f"t: a timestep on {t.device}; reading it would sync the host every step. Pass the "
+                f"scheduler's CPU timestep (scheduler.set_timesteps(n, device='cpu')) or a Python int.")
+        return int(t)
+    return int(t)
 
 
 def step_scalars(scheduler, t, eta: float = 0.0) -> StepScalars:

@@ -4,8 +4,6 @@ and the GPU check's CPU smoke run. All on the tiny SD-1.5 + seg ControlNet."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -184,17 +182,19 @@ def compiled_device(module) -> str:
 
 
 def test_select_onnxruntime_runs_the_fused_graph_in_the_generator_loop(models, tmp_path):
-    """The path the generator takes: select_backend with a ControlNet, then the loop hands
-    the ControlNet call to the backend because it fuses it."""
+    """The path the generator takes: select_backend with a ControlNet loader, then the loop
+    hands the ControlNet call to the backend because it fuses it. Each graph is exported once,
+    at its first use: the fused one for mask/mix, the plain UNet (no residual inputs) for image/noise."""
     from sasi_online.engines.backends import BackendRequest, EagerUNet, select_backend
     from sasi_online.generation.loop import denoise_step
 
     unet, controlnet, scheduler = models["unet"], models["controlnet"], models["scheduler"]
     request = BackendRequest(engine_dir=tmp_path, batch=(1, 4, 4), height=(64, 64, 64), width=(64, 64, 64),
                              text_len=models["tokenizer"].model_max_length)
-    backend = select_backend("onnxruntime", unet, controlnet=controlnet, request=request)
-    assert backend.name == "onnxruntime" and backend.fuses_controlnet and "CPUExecutionProvider" in backend.reason
-    assert backend.unet.spec.with_residuals  # the separate-ControlNet path stays available
+    loads = []
+    backend = select_backend("onnxruntime", unet, controlnet_loader=lambda: loads.append(1) or controlnet,
+                             request=request)
+    assert backend.name == "onnxruntime" and backend.fuses_controlnet and backend.built == []
     g = torch.Generator().manual_seed(7)
     latents = torch.randn(2, 4, 8, 8, generator=g)
     text = torch.randn(4, request.text_len, unet.config.cross_attention_dim, generator=g)
@@ -206,10 +206,18 @@ def test_select_onnxruntime_runs_the_fused_graph_in_the_generator_loop(models, t
                             control=control, control_scale=1.0)
         got = denoise_step(backend, scheduler, latents, t, text, 7.5, {}, controlnet=backend,
                            control=control, control_scale=1.0)
-    assert (want - got).abs().max() < PARITY_ATOL
+        assert backend.built == ["unet_controlnet"] and loads == [1]  # mask/mix: the fused graph only
+        assert "CPUExecutionProvider" in backend.reason
+        plain_want = denoise_step(EagerUNet(unet), scheduler, latents, t, text, 7.5, {})
+        plain_got = denoise_step(backend, scheduler, latents, t, text, 7.5, {})
+    assert (want - got).abs().max() < PARITY_ATOL and (plain_want - plain_got).abs().max() < PARITY_ATOL
+    assert backend.built == ["unet_controlnet", "unet"] and not backend.unet_graph.unet.spec.with_residuals
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["unet", "unet_controlnet"]  # no residual-input UNet
     # A second selection reuses the exported graphs (same weights): no re-export.
     stamp = (tmp_path / "unet_controlnet" / "model.onnx").stat().st_mtime_ns
-    select_backend("onnxruntime", unet, controlnet=controlnet, request=request)
+    again = select_backend("onnxruntime", unet, controlnet=controlnet, request=request)
+    with torch.no_grad():
+        again.controlled(torch.cat([latents] * 2), t, text, control, 1.0)
     assert (tmp_path / "unet_controlnet" / "model.onnx").stat().st_mtime_ns == stamp
 
 
@@ -363,17 +371,23 @@ def test_deepcache_skips_deep_blocks_with_bounded_drift(models):
     assert 0 < drift < 0.10, drift
 
 
-# ----------------------------------------------------------------------------- GPU check (CPU smoke)
-def test_gpu_check_tiny_runs_on_cpu(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("OUT", None)
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--tiny", "--out", str(tmp_path),
-                           "--section-seconds", "0.5"], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    result = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert result["config"]["tiny"] is True
-    assert result["matmul"]["tflops"] > 0
-    eager = [r for r in result["generation"] if r["backend"] == "eager"]
-    assert eager and all(r["sasi_per_s"] > 0 and 0 < r["mfu"] for r in eager)
-    assert result["ring"]["host_to_device_gbps"] > 0
-    assert "| backend |" in (tmp_path / "gpu_check.md").read_text()
+# ----------------------------------------------------------------------------- GPU check: generate phase
+def test_generate_phase_times_the_generators_own_loop_on_cpu(tmp_path):
+    """bench/gpu_phases/generate.py with --tiny: the same code as on the GPU (SASIGenerator with
+    text encoder, scheduler, ControlNet and VAE, models built in memory), tiny models, a CPU."""
+    import types
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from gpu_phases import generate
+
+    args = types.SimpleNamespace(tiny=True, out=str(tmp_path), section_seconds=0.2, generate_seconds=120)
+    rows = generate.run(args, tmp_path / "generate")
+    matmul, timed = rows[0], [r for r in rows if "sasi_per_s" in r]
+    assert matmul["tflops"] > 0 and "MFU denominator" in matmul["what"]
+    assert [r["batch"] for r in timed] == [2, 1, 4] and {r["backend"] for r in timed} == {"eager"}
+    for r in timed:
+        assert r["sasi_per_s"] > 0 and r["all_finite"] and 0 < r["mfu"] and r["resolution"] == 64
+        assert r["tflop_per_sasi"] > 0 and r["steps"] == 2 and r["dtype"] == "float32"
+    notes = {r["what"]: r.get("note", "") for r in rows if "note" in r}
+    assert notes["tensorrt"].startswith("not tried") and "compile off" in notes["compile batch 2"]
+    assert not any("error" in r for r in rows)

@@ -120,6 +120,8 @@ def test_auto_profile_splits_families_in_one_call(tiny_zoo):
     result = gen.generate(["a", "b", "c"], vps, [1, 2, 3])
     assert result.families == ["sd21", "sd15", "sd21"]
     assert result.finite.all()
+    # the paper profile never gives SD-2.1 a mask/mix prompt: its ControlNet is never loaded
+    assert gen.family("sd21")._controlnet is None and gen.family("sd15")._controlnet is not None
     assert set(result.seconds) == {"text", "latents", "denoise", "decode"}
     assert all(v > 0 for v in result.seconds.values())
 

@@ -141,3 +141,20 @@ def test_cli_verify_detects_a_changed_file(tiny_zoo, tmp_path, capsys):
     shutil.copy(tiny_zoo / "zoo.json", copy / "zoo.json")
     assert main(["zoo", "verify", str(copy)]) == 1  # the other folders are missing
     assert "differ" in capsys.readouterr().out
+
+
+def test_tiny_autoencoder_decodes_both_families_and_is_verified(tiny_zoo, tmp_path):
+    from diffusers import AutoencoderTiny
+
+    tiny = AutoencoderTiny.from_pretrained(str(tiny_zoo / "taesd"), local_files_only=True).eval()
+    assert tiny.config.scaling_factor == 1.0
+    for family in ("sd15", "sd21"):
+        vae = zoo.load_sd_pipeline(tiny_zoo / family).vae
+        assert tiny.config.latent_channels == vae.config.latent_channels
+    with torch.no_grad():
+        image = tiny.decode(torch.randn(2, 4, 8, 8), return_dict=False)[0]
+    assert image.shape == (2, 3, 64, 64)  # the VAE's 8x factor
+    copy = tmp_path / "zoo"
+    shutil.copytree(tiny_zoo, copy)
+    shutil.rmtree(copy / "taesd")
+    assert "taesd/" in zoo.verify_zoo(copy)

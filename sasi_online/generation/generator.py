@@ -22,7 +22,7 @@ from sasi_online.errors import UserInputError
 from sasi_online.utils import derive_seed, to_uint8_hwc
 
 from . import loop
-from .backend import apply_attention, build_backend
+from .backend import apply_attention, build_backend, build_decoder, pads_batches, prepare_module
 from .families import Family, family_for, load_family
 from .schedulers import SCHEDULER_NAMES
 
@@ -97,6 +97,8 @@ class SASIGenerator:
         self._families: dict[str, Family] = {}
         self._backends: dict[str, Callable] = {}
         self._resets: dict[str, Callable] = {}  # stateful backends (DeepCache) start each batch afresh
+        self._decoders: dict[str, Callable] = {}  # latents -> images, per family
+        self.pads = pads_batches(gen_cfg)  # partial batches padded to batch_size (static shapes)
 
     @classmethod
     def from_config(cls, models_cfg: Any, gen_cfg: Any, **kw: Any) -> "SASIGenerator":
@@ -126,13 +128,23 @@ class SASIGenerator:
         return self._families[name]
 
     def _adopt(self, name: str, fam: Family) -> None:
-        """Check a loaded family against the settings and build its UNet backend."""
+        """Check a loaded family against the settings; set its memory layout and attention;
+        build its UNet backend and its decoder."""
         self._check_resolution(fam)
+        prepare_module(self.cfg, fam.unet, self.device)
         self.attention = apply_attention(self.cfg, fam.unet)
-        fam.on_controlnet_load = lambda cn: apply_attention(self.cfg, cn)
+
+        def on_controlnet(cn, cfg=self.cfg, device=self.device):
+            prepare_module(cfg, cn, device)
+            apply_attention(cfg, cn)
+
+        fam.on_controlnet_load = on_controlnet
+        if fam._controlnet is not None:  # loaded by a generator sharing this family
+            on_controlnet(fam._controlnet)
         backend = build_backend(self.cfg, fam)
         self._resets[name] = getattr(backend, "reset", None)
         self._backends[name] = self.backend_hook(backend) if self.backend_hook else backend
+        self._decoders[name] = build_decoder(self.cfg, self.models_cfg, fam)
         self._families[name] = fam
 
     def family_for(self, kind: str) -> str:
@@ -190,29 +202,24 @@ class SASIGenerator:
                 pending = failed
         return GenerationResult(images, finite, retries, used_seeds, families, seconds)
 
-    @torch.inference_mode()
-    def _run_batch(self, fam_name: str, prompts: list, vps: list, seeds: list,
-                   seconds: dict) -> tuple[np.ndarray, np.ndarray]:
-        cfg = self.cfg
-        fam = self.family(fam_name)
-        backend = self._backends[fam_name]
-        _, init0, control0 = _vp_parts(vps[0])
-        res, dev = cfg.resolution, self.device
-        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    def _pad(self, prompts: list, vps: list, seeds: list) -> tuple[list, list, list, int]:
+        """Pad a partial batch to `batch_size` with copies of its first item (each row has its
+        own generator, so the real rows do not change); returns the real row count too."""
+        n = len(prompts)
+        extra = self.cfg.batch_size - n if self.pads else 0
+        if extra <= 0:
+            return prompts, vps, seeds, n
+        return prompts + prompts[:1] * extra, vps + vps[:1] * extra, seeds + seeds[:1] * extra, n
 
-        t0 = time.perf_counter()
-        use_cfg = cfg.guidance > 1.0
-        negatives = [cfg.negative_prompt] * len(prompts) if use_cfg else None
-        text = loop.encode_text(fam.tokenizer, fam.text_encoder, prompts, negatives, dev)
-        t1 = time.perf_counter()
-
+    def _start(self, fam: Family, vps: list, gens: list) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """A fresh scheduler on the CPU, the CPU timesteps this batch runs, and its first latents."""
         from .schedulers import make_scheduler
 
+        cfg, res, dev = self.cfg, self.cfg.resolution, self.device
         scheduler = make_scheduler(cfg.scheduler, fam.scheduler_config)
-        scheduler.set_timesteps(cfg.steps, device=dev)
-        shape = (len(prompts), fam.unet.config.in_channels, res // fam.vae_scale_factor,
-                 res // fam.vae_scale_factor)
-        if init0 is not None:
+        scheduler.set_timesteps(cfg.steps, device="cpu")  # step coefficients from the CPU copy
+        shape = (len(vps), fam.unet.config.in_channels, res // fam.vae_scale_factor, res // fam.vae_scale_factor)
+        if _vp_parts(vps[0])[1] is not None:
             timesteps = loop.img2img_timesteps(scheduler, cfg.steps, cfg.strength)
             pixels = fam.image_processor.preprocess([_pil(_vp_parts(v)[1]) for v in vps], height=res, width=res)
             latents = loop.init_latents(scheduler, fam.vae, shape, gens, dev, self.dtype,
@@ -220,14 +227,33 @@ class SASIGenerator:
         else:
             timesteps = scheduler.timesteps
             latents = loop.init_latents(scheduler, fam.vae, shape, gens, dev, self.dtype)
-        controlnet, control = None, None
-        if control0 is not None:
-            # an engine that traced the ControlNet into its graph runs both in one call
-            controlnet = backend if getattr(backend, "fuses_controlnet", False) else fam.controlnet
-            control = fam.control_image_processor.preprocess(
-                [_pil(_vp_parts(v)[2]) for v in vps], height=res, width=res).to(dev, self.dtype)
-            if use_cfg:
-                control = torch.cat([control] * 2)
+        return scheduler, timesteps, latents
+
+    def _control(self, fam: Family, backend: Any, vps: list) -> tuple[Any, Optional[torch.Tensor]]:
+        if _vp_parts(vps[0])[2] is None:
+            return None, None
+        res = self.cfg.resolution
+        # a compiled graph or an engine holding ControlNet + UNet runs both in one call
+        controlnet = backend if getattr(backend, "fuses_controlnet", False) else fam.controlnet
+        control = fam.control_image_processor.preprocess(
+            [_pil(_vp_parts(v)[2]) for v in vps], height=res, width=res).to(self.device, self.dtype)
+        return controlnet, torch.cat([control] * 2) if self.cfg.guidance > 1.0 else control
+
+    @torch.inference_mode()
+    def _run_batch(self, fam_name: str, prompts: list, vps: list, seeds: list,
+                   seconds: dict) -> tuple[np.ndarray, np.ndarray]:
+        cfg = self.cfg
+        fam = self.family(fam_name)
+        backend = self._backends[fam_name]
+        prompts, vps, seeds, real = self._pad(prompts, vps, seeds)
+        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+
+        t0 = time.perf_counter()
+        negatives = [cfg.negative_prompt] * len(prompts) if cfg.guidance > 1.0 else None
+        text = loop.encode_text(fam.tokenizer, fam.text_encoder, prompts, negatives, self.device)
+        t1 = time.perf_counter()
+        scheduler, timesteps, latents = self._start(fam, vps, gens)
+        controlnet, control = self._control(fam, backend, vps)
         t2 = time.perf_counter()
 
         extra = loop.step_kwargs(scheduler, gens)
@@ -235,16 +261,15 @@ class SASIGenerator:
             # DeepCache guesses a new run from a rising timestep; a one-step schedule repeats
             # the same t, so say it outright: no deep features cross from another batch
             self._resets[fam_name]()
-        fused = getattr(cfg, "fused_step", True)
-        for t in timesteps:
-            latents = loop.denoise_step(backend, scheduler, latents, t, text, cfg.guidance, extra,
-                                        controlnet=controlnet, control=control,
-                                        control_scale=cfg.controlnet_scale, fused=fused)
+        latents = loop.denoise(backend, scheduler, latents, timesteps, text, cfg.guidance, extra,
+                               controlnet=controlnet, control=control, control_scale=cfg.controlnet_scale,
+                               fused=getattr(cfg, "fused_step", True))
         t3 = time.perf_counter()
 
-        ok = torch.isfinite(latents).flatten(1).all(1)
-        decoded = loop.decode(fam.vae, latents)
-        ok &= torch.isfinite(decoded).flatten(1).all(1)
+        # the padded batch is decoded whole (one static shape for a compiled decoder), then the
+        # padding rows are dropped
+        decoded = self._decoders[fam_name](latents)[:real]
+        ok = torch.isfinite(latents[:real]).flatten(1).all(1) & torch.isfinite(decoded).flatten(1).all(1)
         out = loop.to_uint8(torch.nan_to_num(decoded))
         t4 = time.perf_counter()
         for name, dt in zip(STAGES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):

@@ -1,9 +1,15 @@
 """The denoising loop, in swappable pieces.
 
-text encoding → latent init (noise, or img2img noising to `strength`) → repeated
-`denoise_step` (UNet + ControlNet residuals → `guided_step`) → VAE decode.
+text encoding → latent init (noise, or img2img noising to `strength`) → `denoise`
+(repeated `denoise_step`: UNet + ControlNet → `guided_step`) → VAE decode.
 Each piece mirrors what diffusers' Stable Diffusion pipelines do, so the same seeds and
 settings give the same image (tested against those pipelines).
+
+No host sync inside `denoise`: the scheduler lives on the CPU (its timesteps, sigmas and
+alpha tables), so the sampler's bookkeeping and every step coefficient are computed from
+that CPU copy; the models get the same timesteps uploaded to the device once per batch.
+Nothing in the loop reads a device tensor back (tested by making `.item()` / `.cpu()` on
+device data raise), which also lets a whole step be captured in a CUDA graph.
 """
 from __future__ import annotations
 
@@ -65,7 +71,13 @@ def init_latents(scheduler: Any, vae: Any, shape: tuple, generators: list, devic
     dist = vae.encode(image.to(device, dtype)).latent_dist
     z = dist.sample(generator=generators) * vae.config.scaling_factor
     noise = randn_tensor(z.shape, generator=generators, device=device, dtype=dtype)
-    return scheduler.add_noise(z, noise, first_t.repeat(z.shape[0]))
+    tables = getattr(scheduler, "alphas_cumprod", None)
+    noised = scheduler.add_noise(z, noise, first_t.repeat(z.shape[0]))
+    if tables is not None:
+        # DDPM/DDIM's add_noise moves this table to the latents' device; the loop's step
+        # coefficients must keep reading the CPU copy (a device read would sync every step)
+        scheduler.alphas_cumprod = tables
+    return noised
 
 
 def step_kwargs(scheduler: Any, generators: list) -> dict:
@@ -99,7 +111,8 @@ def fused_step_problem(scheduler: Any) -> Optional[str]:
 
 
 def guided_step(scheduler: Any, noise_pred: torch.Tensor, t: Any, latents: torch.Tensor,
-                guidance: float, extra: dict, fused: bool = True) -> torch.Tensor:
+                guidance: float, extra: dict, fused: bool = True,
+                noise: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Classifier-free guidance combine + one scheduler step.
 
     With `fused` (and a scheduler `fused_step_problem` accepts) both run as one kernel
@@ -111,7 +124,7 @@ def guided_step(scheduler: Any, noise_pred: torch.Tensor, t: Any, latents: torch
         from sasi_online.kernels import guided_scheduler_step
 
         return guided_scheduler_step(scheduler, noise_pred, t, latents, guidance,
-                                     generator=extra.get("generator"), eta=extra.get("eta", 0.0))
+                                     generator=extra.get("generator"), eta=extra.get("eta", 0.0), noise=noise)
     if noise_pred.shape[0] == 2 * latents.shape[0]:
         uncond, cond = noise_pred.chunk(2)
         noise_pred = uncond + guidance * (cond - uncond)
@@ -121,21 +134,70 @@ def guided_step(scheduler: Any, noise_pred: torch.Tensor, t: Any, latents: torch
 def denoise_step(backend: Callable[..., torch.Tensor], scheduler: Any, latents: torch.Tensor, t: Any,
                  text_states: torch.Tensor, guidance: float, extra: dict,
                  controlnet: Any = None, control: Optional[torch.Tensor] = None,
-                 control_scale: float = 1.0, fused: bool = True) -> torch.Tensor:
-    """One sampler step for a batch: UNet (+ ControlNet residuals) → `guided_step`."""
+                 control_scale: float = 1.0, fused: bool = True,
+                 model_t: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One sampler step for a batch: UNet (+ ControlNet) → `guided_step`.
+
+    `t` is the scheduler's own (CPU) timestep; `model_t` the same value already on the
+    models' device (default: `t`)."""
+    model_t = t if model_t is None else model_t
     cfg = text_states.shape[0] == 2 * latents.shape[0]
     model_in = torch.cat([latents] * 2) if cfg else latents
     model_in = scheduler.scale_model_input(model_in, t)
     if controlnet is not None and getattr(controlnet, "fuses_controlnet", False):
-        # an engine holding ControlNet + UNet in one graph
-        noise_pred = controlnet.controlled(model_in, t, text_states, control, control_scale)
+        # a compiled graph or an engine holding ControlNet + UNet as one call
+        noise_pred = controlnet.controlled(model_in, model_t, text_states, control, control_scale)
     else:
         down, mid = None, None
         if controlnet is not None:
-            down, mid = controlnet(model_in, t, encoder_hidden_states=text_states, controlnet_cond=control,
+            down, mid = controlnet(model_in, model_t, encoder_hidden_states=text_states, controlnet_cond=control,
                                    conditioning_scale=control_scale, guess_mode=False, return_dict=False)
-        noise_pred = backend(model_in, t, text_states, down, mid)
-    return guided_step(scheduler, noise_pred, t, latents, guidance, extra, fused=fused)
+        noise_pred = backend(model_in, model_t, text_states, down, mid)
+    return guided_step(scheduler, noise_pred, t, latents, guidance, extra, fused=fused, noise=noise)
+
+
+def step_noise(scheduler: Any, timesteps: torch.Tensor, latents: torch.Tensor, extra: dict,
+               fused: bool) -> Optional[torch.Tensor]:
+    """The fused DDPM step's noise for every step, drawn ahead on the CPU from the per-image
+    generators (the same draws, in the same order, as diffusers' step makes) and uploaded in
+    one copy: otherwise each step would copy its noise from pageable host memory, which
+    waits for the device. None when no step draws (DPM-Solver++, UniPC, DDIM with eta 0)."""
+    from diffusers import DDPMScheduler
+
+    gens = extra.get("generator")
+    if not (fused and gens is not None and isinstance(scheduler, DDPMScheduler)
+            and fused_step_problem(scheduler) is None):
+        return None
+    cpu = torch.device("cpu")
+    draws = [randn_tensor(tuple(latents.shape), generator=gens, device=cpu, dtype=latents.dtype)
+             if int(t) > 0 else torch.zeros(tuple(latents.shape), dtype=latents.dtype) for t in timesteps]
+    stacked = torch.stack(draws)
+    return latents.new_empty(stacked.shape).copy_(stacked)
+
+
+def upload_timesteps(timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The batch's timesteps on `like`'s device: one host-to-device copy per batch."""
+    return like.new_empty(timesteps.shape, dtype=timesteps.dtype).copy_(timesteps)
+
+
+def denoise(backend: Callable[..., torch.Tensor], scheduler: Any, latents: torch.Tensor,
+            timesteps: torch.Tensor, text_states: torch.Tensor, guidance: float, extra: dict,
+            controlnet: Any = None, control: Optional[torch.Tensor] = None, control_scale: float = 1.0,
+            fused: bool = True) -> torch.Tensor:
+    """Every step of one batch. `timesteps` is the scheduler's CPU schedule (set_timesteps on
+    "cpu"): steps read it, the models read its one upload. No host sync in here."""
+    if timesteps.device.type != "cpu":
+        from sasi_online.errors import UserInputError
+
+        raise UserInputError("denoise takes the scheduler's CPU timesteps (scheduler.set_timesteps(n, device='cpu')); "
+                         "device timesteps would make every step read the device")
+    on_device = upload_timesteps(timesteps, latents)
+    noises = step_noise(scheduler, timesteps, latents, extra, fused)
+    for i, t in enumerate(timesteps):
+        latents = denoise_step(backend, scheduler, latents, t, text_states, guidance, extra,
+                               controlnet=controlnet, control=control, control_scale=control_scale,
+                               fused=fused, model_t=on_device[i], noise=None if noises is None else noises[i])
+    return latents
 
 
 def decode(vae: Any, latents: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ ZOO_FORMAT = 1
 TINY_RESOLUTION = 64  # pixel side the tiny diffusion models are built for
 SD15_CONTEXT = 32  # text context width of the tiny SD-1.5 stand-in (real: 768)
 SD21_CONTEXT = 48  # ... of the tiny SD-2.1 stand-in (real: 1024)
-FOLDERS = ("sd15", "sd21", "controlnet-sd15-seg", "controlnet-sd21-seg", "blip2", "llama",
+FOLDERS = ("sd15", "sd21", "controlnet-sd15-seg", "controlnet-sd21-seg", "taesd", "blip2", "llama",
            "upernet", "clip")
 
 
@@ -89,6 +89,19 @@ def _build_controlnet(out: Path, name: str, unet: Any, seed: int) -> None:
                 if pname.startswith(zero_convs):
                     p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     cn.eval().save_pretrained(out / name, safe_serialization=True)
+
+
+def _build_taesd(out: Path, seed: int) -> None:
+    """A tiny AutoencoderTiny (TAESD layout: 4 latent channels, 8x upsampling) that decodes
+    both families' latents, as the real TAESD decodes SD-1.x and SD-2.x; its scaling factor
+    is 1.0 (TAESD decodes the UNet's latents as they are)."""
+    from diffusers import AutoencoderTiny
+
+    with _deterministic(seed, "taesd"):
+        tiny = AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+                               num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1),
+                               latent_channels=4).eval()
+    tiny.save_pretrained(out / "taesd", safe_serialization=True)
 
 
 def _build_upernet(out: Path, seed: int) -> None:
@@ -198,6 +211,7 @@ def build_zoo(out_dir: str | Path, seed: int = 0, force: bool = False,
     steps = [
         ("sd15", lambda: _build_controlnet(tmp, "controlnet-sd15-seg", _build_sd(tmp, "sd15", seed), seed)),
         ("sd21", lambda: _build_controlnet(tmp, "controlnet-sd21-seg", _build_sd(tmp, "sd21", seed), seed)),
+        ("taesd", lambda: _build_taesd(tmp, seed)),
         ("upernet", lambda: _build_upernet(tmp, seed)),
         ("clip", lambda: _build_clip(tmp, seed)),
         ("blip2", lambda: _build_blip2(tmp, seed, caption_steps)),
@@ -222,12 +236,14 @@ def build_zoo(out_dir: str | Path, seed: int = 0, force: bool = False,
 
 
 def verify_zoo(root: str | Path) -> list[str]:
-    """Files whose sha256 differs from zoo.json (empty list = intact)."""
+    """Files whose sha256 differs from zoo.json, and model folders missing (empty list = intact)."""
     root = Path(root)
     manifest = root / "zoo.json"
     if not manifest.is_file():
         raise ModelFolderError(f"'{root}' has no zoo.json: run `sasi zoo build {root}`")
     want = json.loads(manifest.read_text(encoding="utf-8"))["files"]
     have = _file_hashes(root)
-    return sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+    # a zoo from an older builder may lack a whole model (e.g. taesd/): name the folder
+    missing = [f"{name}/" for name in FOLDERS if not (root / name).is_dir()]
+    return sorted(missing + [k for k in set(want) | set(have) if want.get(k) != have.get(k)])
 
