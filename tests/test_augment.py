@@ -57,7 +57,7 @@ def test_local_crops_need_a_local_section():
 
 def test_bad_recipes_are_refused(tmp_path):
     with pytest.raises(UserInputError, match="not found"):
-        load_recipe("mocov3")
+        load_recipe("moco_v9")
     bad = tmp_path / "bad.yaml"
     bad.write_text("global:\n  - flip: 1.5\n")
     with pytest.raises(UserInputError, match="flip"):

@@ -281,6 +281,55 @@ def test_ring_augment_triton_matches_torch(triton_here, channels_last):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+def _blur_solarize_params(n=6, seed=4):
+    recipe = AugRecipe(jitter_p=1.0, gray_p=0.3, blur_p=0.7, blur_sigma=(0.3, 2.0), solarize_p=0.5,
+                       scale=(0.2, 1.0))
+    p = sample_aug_params(n, (20, 24), recipe, torch.Generator().manual_seed(seed))
+    assert bool((p.blur_sigma > 0).any()) and bool((p.blur_sigma == 0).any())
+    assert bool(p.solarize.any()) and not bool(p.solarize.all())
+    return p
+
+
+def test_ring_augment_blur_and_solarize_batched_match_the_per_view_reference():
+    from sasi_online.kernels.ring_augment import IMAGENET_MEAN, IMAGENET_STD, blur_solarize_normalize
+
+    imgs = _images(n=6)
+    p = _blur_solarize_params()
+    want = ring_augment_torch(imgs, p, 13)  # torchvision's gaussian_blur / solarize, view by view
+    plain = AugParams(p.crop, p.flip, p.brightness, p.contrast, p.saturation, p.hue, p.gray)
+    raw = ring_augment_torch(imgs, plain, 13, mean=(0, 0, 0), std=(1, 1, 1))
+    got = blur_solarize_normalize(raw, p)  # one depthwise convolution for the batch
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(raw, (want * torch.tensor(IMAGENET_STD)[:, None, None]
+                                    + torch.tensor(IMAGENET_MEAN)[:, None, None]), atol=1e-3)
+
+
+def test_ring_augment_triton_matches_torch_with_blur_and_solarize(triton_here):
+    if not triton_here:
+        return
+    imgs = _images(n=6)
+    p = _blur_solarize_params()
+    torch.testing.assert_close(ring_augment_triton(imgs, p, 13), ring_augment_torch(imgs, p, 13),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_every_shipped_recipe_view_maps_onto_the_device_path():
+    from sasi_online.data.augment import RECIPE_DIR, load_recipe
+
+    for path in sorted(RECIPE_DIR.glob("*.yaml")):
+        recipe = load_recipe(path.stem)
+        views = recipe.global_views + ([recipe.local_view] if recipe.local_view else [])
+        for spec in views:
+            r = AugRecipe.from_view_spec(spec, recipe.mean, recipe.std, image_size=224)
+            assert (r.blur_p, r.solarize_p, r.gray_p, r.flip_p) == (spec.blur_prob, spec.solarize,
+                                                                    spec.grayscale, spec.flip), path.stem
+            assert r.blur_sigma == spec.sigma_range(224) and r.blur_kernel == spec.blur_kernel(224)
+            p = sample_aug_params(3, (40, 40), r, torch.Generator().manual_seed(0))
+            out = ring_augment_torch(torch.zeros(3, 40, 40, 3, dtype=torch.uint8) + 77, p, spec.side(32),
+                                     mean=r.mean, std=r.std)
+            assert out.shape == (3, 3, spec.side(32), spec.side(32)) and torch.isfinite(out).all()
+
+
 def test_ring_augment_refuses_bad_input():
     imgs = _images(n=2)
     p = sample_aug_params(2, (20, 24))

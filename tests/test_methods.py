@@ -122,7 +122,7 @@ def test_mocov2_queue_receives_keys_and_travels_in_state_dict():
 
 
 def test_mocov2_keys_are_the_momentum_encoder_outputs_of_the_second_view():
-    method = make("mocov2", queue_size=16)
+    method = make("mocov2", queue_size=16, shuffle_bn=False)  # shuffle-BN (the default) splits the batch
     v = views(batch=8)
     method(v)["loss"].backward()
     with torch.no_grad():
@@ -159,7 +159,7 @@ def test_mocov2_shuffle_bn_unshuffles_exactly_and_changes_batch_statistics():
 
 
 def test_swav_queue_fills_and_is_used_for_codes():
-    method = make("swav", extra={"queue_length": 16})
+    method = make("swav", extra={"queue_length": 16, "queue_start_epochs": 0})
     assert method.state_dict()["queue"].shape == (2, 16, 8)
     v = views(batch=8)
     for step in range(3):
@@ -176,8 +176,21 @@ def test_swav_queue_fills_and_is_used_for_codes():
         assert not torch.allclose(method._codes(scores, 0, True), method._codes(scores, 0, False))
 
 
+def test_swav_queue_starts_at_its_epoch_and_joins_the_codes_once_full():
+    method = make("swav", extra={"queue_length": 16, "queue_start_epochs": 2})  # 1 step per epoch here
+    v = views(batch=8)
+    used, codes = [], method._codes
+    method._codes = lambda s, view, use: (used.append(use), codes(s, view, use))[1]
+    for step in range(5):
+        method(v, step)["loss"].backward()
+        sgd_step(method)
+        method.on_step_end(step, 10)
+    assert int(method.queue_count) == 24  # filled at steps 2, 3 and 4 only
+    assert used[::2] == [False, False, False, False, True]  # full (16 rows) from step 4 on
+
+
 def test_swav_frozen_prototypes_get_no_gradient():
-    method = make("swav", extra={"freeze_prototypes_steps": 5})
+    method = make("swav", extra={"freeze_prototypes_epochs": 5})  # steps_per_epoch is 1 here
     method(views(), step=0)["loss"].backward()
     assert method.prototypes.layer.weight.grad is None
     method.zero_grad()
@@ -199,14 +212,14 @@ def test_dino_centre_moves_towards_teacher_mean_and_is_checkpointed():
 
 def test_dino_teacher_temperature_warms_up_linearly():
     method = make("dino", extra={"warmup_teacher_temp": 0.02, "teacher_temp": 0.06,
-                                 "teacher_temp_warmup_steps": 10})
+                                 "teacher_temp_warmup_epochs": 10})
     assert method.teacher_temperature(0) == pytest.approx(0.02)
     assert method.teacher_temperature(5) == pytest.approx(0.04)
     assert method.teacher_temperature(50) == pytest.approx(0.06)
 
 
 def test_dino_frozen_last_layer_gets_no_gradient():
-    method = make("dino", extra={"freeze_last_layer_steps": 3})
+    method = make("dino", extra={"freeze_last_layer_epochs": 3})
     method(views(), step=0)["loss"].backward()
     assert all(p.grad is None for p in method.head.last_layer.parameters())
     method.zero_grad()
@@ -231,25 +244,37 @@ def test_two_view_methods_refuse_extra_views():
         make("simclr")([views()[0], torch.randn(4, 3, 16, 16)])
 
 
-def test_adco_bank_ascends_while_encoder_descends():
-    method = make("adco", extra={"bank_size": 16, "mem_temperature": 0.1})
-    v = views()
-    out = method(v)
-    assert float(out["loss"].detach()) != pytest.approx(float(out["bank_loss"]))
-    out["loss"].backward()
-    bank_before = method.memory_bank.detach().clone()
-    # The bank's gradient points UP its loss: a small descent step raises the bank loss.
+def test_adco_bank_fills_from_keys_then_ascends_at_a_constant_rate():
+    from sasi_online.ssl.losses import adco_loss
+
+    method = make("adco", extra={"bank_size": 16, "mem_temperature": 0.1, "init_epochs": 0, "mem_lr": 0.5},
+                  shuffle_bn=False)
+    v = views()  # 8 keys per step: the 16-row bank is filled by the first two steps
+    keys = []
+    for step in range(2):
+        out = method(v, step)
+        assert float(out["loss"].detach()) != pytest.approx(float(out["bank_loss"]))
+        keys.append(method._pending_keys[-1].clone())
+        out["loss"].backward()
+        method.on_step_end(step, 10)
+        method.zero_grad()
+    torch.testing.assert_close(method.memory_bank, torch.cat(keys))  # rows = keys, not moved yet
+    assert int(method.bank_filled) == 16
+    # Full: the bank now ascends on its own loss (its velocity follows minus the gradient).
     with torch.no_grad():
         q = F.normalize(method.projector(method.backbone(v[0])), dim=1)
-        k = F.normalize(method.target_projector(method.target_backbone(v[1])), dim=1)
-        from sasi_online.ssl.losses import adco_loss
-        before = adco_loss(q, k, bank_before, 0.1)
-        after = adco_loss(q, k, bank_before - 0.05 * method.memory_bank.grad, 0.1)
+        k = method._key_net(v[1])
+        before = adco_loss(q, k, method.memory_bank, 0.1)
+    bank_before = method.memory_bank.clone()
+    method(v, 2)["loss"].backward()
+    method.on_step_end(2, 10)
+    assert not torch.equal(method.memory_bank, bank_before)
+    with torch.no_grad():
+        after = adco_loss(q, k, method.memory_bank, 0.1)
     assert after > before
-    groups = {g["name"]: g for g in method.param_groups()}
-    assert groups["memory_bank"]["params"] == [method.memory_bank]
-    assert groups["memory_bank"]["lr"] == 3.0 and groups["memory_bank"]["lars_exclude"]
-    assert "memory_bank" in method.state_dict()
+    # The bank is no optimizer parameter (its rate never follows the schedule); its state is saved.
+    assert all(g["name"] != "memory_bank" for g in method.param_groups())
+    assert {"memory_bank", "bank_velocity", "bank_filled"} <= set(method.state_dict())
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -290,7 +315,7 @@ def test_checkpoint_extra_state_refuses_another_method():
 
 
 def test_method_temperature_and_momentum_defaults_are_per_method():
-    assert make("simclr").temperature == 0.5 and make("swav").temperature == 0.1
+    assert make("simclr").temperature == 0.1 and make("swav").temperature == 0.1
     assert make("simclr", temperature=0.3).temperature == 0.3
     assert make("byol").base_momentum == 0.996 and make("mocov2", momentum=0.9).base_momentum == 0.9
 

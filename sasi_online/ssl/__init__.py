@@ -24,6 +24,9 @@ def build_method(cfg: MethodConfig, global_batch: int | None = None) -> Method:
         close = difflib.get_close_matches(str(cfg.name), list(METHODS), n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise UserInputError(f"unknown method.name '{cfg.name}'.{hint} Choose one of: {', '.join(METHODS)}")
+    from sasi_online.ssl.recipes import resolved_method_config
+
+    cfg = resolved_method_config(cfg)  # fields left None: the method's published recipe
     cls = METHODS[cfg.name]
     if global_batch is not None:
         cls.validate_global_batch(cfg, global_batch)

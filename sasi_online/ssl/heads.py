@@ -45,8 +45,12 @@ class Prototypes(nn.Module):
 
     def forward(self, z: torch.Tensor, frozen: bool = False) -> torch.Tensor:
         # Frozen (SwAV's first iterations): scores still flow to z, not to the prototypes.
-        w = self.layer.weight.detach() if frozen else self.layer.weight
-        return F.linear(z, w)
+        # The rows are used at unit norm here too: `normalize()` after each step cannot reach
+        # an optimizer's master copy (DeepSpeed ZeRO / bf16), this can; at unit norm (the plain
+        # path) it changes nothing.
+        w = self.layer.weight
+        w = w / w.detach().norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return F.linear(z, w.detach() if frozen else w)
 
 
 class DINOHead(nn.Module):

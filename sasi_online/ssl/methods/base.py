@@ -11,10 +11,23 @@ Parameter groups (dicts for torch optimizers) carry, besides "params":
   "weight_decay"  present only where it must differ from the optimizer's (0.0 on biases
                   and normalisation parameters);
   "lars_exclude"  True where LARS must not adapt the learning rate (biases, norms, banks);
-  "lr"            present only on groups with their own base learning rate (AdCo's bank);
-                  the trainer applies its schedule multiplier but not the batch scaling;
+  "lr"            present only on groups with their own base learning rate; the trainer
+                  applies its schedule multiplier but not the batch scaling;
   "fixed_lr"      True where the learning rate must not follow the schedule (SimSiam's
-                  predictor).
+                  predictor);
+  "lr_scale"      a factor on the batch-scaled rate (Barlow Twins' biases);
+  "kind"          "decay" or "no_decay" for the default groups: with optim.exclude_bias_norm
+                  false (MoCo-v2, SimSiam, SwAV, AdCo) the optimizer merges them.
+
+Precision: target networks, queues, banks and centres keep fp32 state under bf16.
+DeepSpeed casts every parameter (and, with `buffer_dtype`, every buffer) of the module it
+wraps; `keep_fp32_state()`, called right after `deepspeed.initialize`, casts the modules of
+`fp32_modules()` and the buffers named in `fp32_buffers` back. Targets then run their
+forward under autocast (`run_target`), and EMA updates accumulate in fp32 (the online
+weights, bf16 copies of the optimizer's fp32 masters, are widened first).
+
+Epoch-valued knobs (`*_epochs` extras) become steps with `steps_per_epoch`, which the
+trainer sets (training images // images per optimizer step); 1 until it does.
 """
 from __future__ import annotations
 
@@ -47,6 +60,16 @@ def make_target(online: nn.Module) -> nn.Module:
     return target
 
 
+def run_target(module: nn.Module, x: Tensor) -> Tensor:
+    """`module(x)` for an fp32 target fed low-precision views: the weights stay fp32, the
+    arithmetic runs in the views' dtype under autocast; the output comes back in it."""
+    p = next(module.parameters(), None)
+    if p is None or p.dtype == x.dtype or not x.is_floating_point():
+        return module(x)
+    with torch.autocast(device_type=x.device.type, dtype=x.dtype):
+        return module(x).to(x.dtype)
+
+
 @torch.no_grad()
 def ema_update(online: nn.Module, target: nn.Module, momentum: float) -> None:
     """target ← momentum·target + (1-momentum)·online, parameter by parameter.
@@ -55,10 +78,28 @@ def ema_update(online: nn.Module, target: nn.Module, momentum: float) -> None:
     as MoCo and BYOL do.
     """
     t_params = [p for p in target.parameters()]
-    o_params = [p.detach() for p in online.parameters()]
-    if len(t_params) != len(o_params):
+    o_params = [p.detach().to(t.dtype) for p, t in zip(online.parameters(), t_params)]
+    if len(t_params) != len(list(online.parameters())):
         raise RuntimeError("momentum pair with different parameter lists")
     torch._foreach_lerp_(t_params, o_params, 1.0 - momentum)
+
+
+@torch.no_grad()
+def shuffled_keys(key_net, x: Tensor, out_dim: int, splits: int) -> Tensor:
+    """Key embeddings with shuffle-BN (MoCo, AdCo): across trainers the key batch is
+    shuffled before the key encoder and unshuffled after, so BatchNorm statistics never
+    come from the queries' own images; in one process the shuffled batch is split into
+    `splits` sub-batches with their own statistics (MoCo's SplitBatchNorm idea)."""
+    from sasi_online.ssl import distributed as D
+
+    if D.world_size() > 1:
+        shuffled, undo = D.shuffle_batch(x)
+        return D.unshuffle_batch(key_net(shuffled), undo)
+    perm = torch.randperm(x.shape[0], device=x.device)
+    k = torch.empty(x.shape[0], out_dim, device=x.device, dtype=x.dtype)
+    for idx in perm.chunk(max(1, int(splits))):
+        k[idx] = key_net(x[idx]).to(k.dtype)
+    return k
 
 
 class Method(nn.Module):
@@ -72,16 +113,25 @@ class Method(nn.Module):
     default_momentum: float = 0.99  # used when method.momentum is None
     # where the EMA momentum ends when method.momentum_final is None; None keeps it constant
     default_momentum_final: Optional[float] = 1.0
+    uses_momentum: bool = False  # has EMA target networks (README table)
+    uses_temperature: bool = False  # reads method.temperature (README table)
+    fp32_buffers: tuple[str, ...] = ()  # buffers that keep fp32 state under bf16 (queues, centres)
 
     def __init__(self, cfg: MethodConfig, backbone: nn.Module, feat_dim: int):
         super().__init__()
-        self.cfg = cfg
+        from sasi_online.ssl.recipes import fill_method_config
+
+        self.cfg = fill_method_config(cfg)  # None fields: the published recipe
         self.backbone = backbone
         self.feat_dim = feat_dim
         self.extra = self._resolve_extra(cfg.extra or {})
         self.temperature = cfg.temperature if cfg.temperature is not None else self.default_temperature
         self.base_momentum = cfg.momentum if cfg.momentum is not None else self.default_momentum
         self.last_momentum = self.base_momentum
+        self.steps_per_epoch = 1  # the trainer sets it (see the module docstring)
+        # host mirrors of counter buffers (queue pointers): read once, never synced per step
+        self._host_counts: dict[str, int] = {}
+        self._register_load_state_dict_pre_hook(lambda *args, **kwargs: self._host_counts.clear())
 
     # ------------------------------------------------------------------ contract
     def forward(self, views: list[Tensor], step: int = 0, total_steps: int = 1) -> dict[str, Tensor]:
@@ -95,7 +145,8 @@ class Method(nn.Module):
         return []
 
     def param_groups(self) -> list[dict]:
-        """Weights with the optimizer's decay; biases/norms (and ViT tokens) without it."""
+        """Weights with the optimizer's decay; biases/norms (and ViT tokens) without it
+        (the optimizer merges the two where the recipe decays everything)."""
         special = self._special_groups()
         taken = {id(p) for g in special for p in g["params"]}
         decay, no_decay = [], []
@@ -104,8 +155,9 @@ class Method(nn.Module):
                 continue
             is_token = name.endswith(("class_token", "pos_embedding"))
             (no_decay if p.ndim <= 1 or is_token else decay).append(p)
-        groups = [{"name": "decay", "params": decay, "lars_exclude": False},
-                  {"name": "no_decay", "params": no_decay, "weight_decay": 0.0, "lars_exclude": True}]
+        groups = [{"name": "decay", "kind": "decay", "params": decay, "lars_exclude": False},
+                  {"name": "no_decay", "kind": "no_decay", "params": no_decay, "weight_decay": 0.0,
+                   "lars_exclude": True}]
         return [g for g in groups + special if g["params"]]
 
     def momentum_at(self, step: int, total_steps: int) -> float:
@@ -129,6 +181,36 @@ class Method(nn.Module):
             for online, target in pairs:
                 ema_update(online, target, m)
             self.last_momentum = m
+
+    def host_count(self, name: str) -> int:
+        """The value of counter buffer `name`, read from the device once (after a build or
+        a resume) and mirrored on the host afterwards: no per-step sync."""
+        if name not in self._host_counts:
+            self._host_counts[name] = int(getattr(self, name))
+        return self._host_counts[name]
+
+    @torch.no_grad()
+    def set_count(self, name: str, value: int) -> None:
+        self._host_counts[name] = int(value)
+        getattr(self, name).fill_(int(value))
+
+    def epochs_to_steps(self, epochs: float) -> int:
+        """An epoch-valued knob in optimizer steps of this run."""
+        return int(round(float(epochs) * max(int(self.steps_per_epoch), 1)))
+
+    def fp32_modules(self) -> list[nn.Module]:
+        """Modules whose state stays fp32 under bf16: the EMA targets."""
+        return [target for _, target in self.momentum_pairs()]
+
+    @torch.no_grad()
+    def keep_fp32_state(self) -> None:
+        """Cast targets and fp32 buffers back to float32 (after DeepSpeed's bf16 cast)."""
+        for m in self.fp32_modules():
+            m.float()
+        for name in self.fp32_buffers:
+            buf = getattr(self, name)
+            if buf.is_floating_point() and buf.dtype != torch.float32:
+                setattr(self, name, buf.float())
 
     def extra_state_for_checkpoint(self) -> dict:
         """Small non-tensor state to save beside `state_dict()` (tensors live in it)."""

@@ -1,5 +1,6 @@
 """BYOL (Grill et al. 2020): online network with predictor regresses the EMA target's
-projection of the other view; symmetric, averaged over the two directions."""
+projection of the other view; symmetric, SUMMED over the two directions as BYOL's
+L + L~ (Grill et al. 2020, Sec. 3.1 eq. 2)."""
 from __future__ import annotations
 
 import torch
@@ -7,12 +8,13 @@ import torch.nn as nn
 
 from sasi_online.ssl.heads import mlp
 from sasi_online.ssl.losses import byol_loss
-from sasi_online.ssl.methods.base import Method, make_target
+from sasi_online.ssl.methods.base import Method, make_target, run_target
 
 
 class BYOL(Method):
     name = "byol"
     default_momentum = 0.996
+    uses_momentum = True
 
     def __init__(self, cfg, backbone: nn.Module, feat_dim: int):
         super().__init__(cfg, backbone, feat_dim)
@@ -30,6 +32,6 @@ class BYOL(Method):
         z1, z2 = (self.projector(self.backbone(v)) for v in views)
         p1, p2 = self.predictor(z1), self.predictor(z2)
         with torch.no_grad():
-            t1, t2 = (self.target_projector(self.target_backbone(v)) for v in views)
-        loss = (byol_loss(p1, t2) + byol_loss(p2, t1)) / 2
+            t1, t2 = (run_target(self.target_projector, run_target(self.target_backbone, v)) for v in views)
+        loss = byol_loss(p1, t2) + byol_loss(p2, t1)
         return {"loss": loss, "z_std": self._std_metric(z1)}

@@ -1,10 +1,13 @@
 """DINO (Caron et al. 2021): self-distillation with a momentum teacher that sees the global
 views, a centred and sharpened teacher output, and multi-crop students.
 
-extra: teacher_temp (0.04), reached linearly from warmup_teacher_temp (0.04) over the
-first teacher_temp_warmup_steps (0), center_momentum (0.9), freeze_last_layer_steps (0).
-method.temperature is the student's (0.1); method.num_prototypes the output size;
-method.proj_hidden / proj_dim the head's hidden and bottleneck sizes.
+extra (facebookresearch/dino main_dino.py defaults): teacher_temp (0.04), reached linearly
+from warmup_teacher_temp (0.04) over the first teacher_temp_warmup_epochs (0),
+center_momentum (0.9), freeze_last_layer_epochs (1: the last layer gets no gradient in the
+first epoch). method.temperature is the student's (0.1); method.num_prototypes the output
+size (65536); method.proj_hidden / proj_dim the head's hidden and bottleneck sizes
+(2048, 256). DINO's weight-decay schedule, per-layer gradient clip and warm-up are optimizer
+settings (optim.weight_decay_end, optim.clip_grad, optim.warmup_epochs).
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import torch.nn as nn
 from sasi_online.ssl import distributed as D
 from sasi_online.ssl.heads import DINOHead
 from sasi_online.ssl.losses import dino_loss
-from sasi_online.ssl.methods.base import Method, make_target
+from sasi_online.ssl.methods.base import Method, make_target, run_target
 
 Tensor = torch.Tensor
 
@@ -24,8 +27,10 @@ class DINO(Method):
     multi_crop = True
     default_temperature = 0.1
     default_momentum = 0.996
-    extra_defaults = {"teacher_temp": 0.04, "warmup_teacher_temp": 0.04, "teacher_temp_warmup_steps": 0,
-                      "center_momentum": 0.9, "freeze_last_layer_steps": 0}
+    uses_momentum = uses_temperature = True
+    fp32_buffers = ("center",)
+    extra_defaults = {"teacher_temp": 0.04, "warmup_teacher_temp": 0.04, "teacher_temp_warmup_epochs": 0,
+                      "center_momentum": 0.9, "freeze_last_layer_epochs": 1}
 
     def __init__(self, cfg, backbone: nn.Module, feat_dim: int):
         super().__init__(cfg, backbone, feat_dim)
@@ -41,17 +46,17 @@ class DINO(Method):
 
     def teacher_temperature(self, step: int) -> float:
         e = self.extra
-        warm = int(e["teacher_temp_warmup_steps"])
+        warm = self.epochs_to_steps(e["teacher_temp_warmup_epochs"])
         if step >= warm:
             return float(e["teacher_temp"])
         return e["warmup_teacher_temp"] + (e["teacher_temp"] - e["warmup_teacher_temp"]) * step / warm
 
     def forward(self, views, step: int = 0, total_steps: int = 1):
         self._check_views(views)
-        freeze = step < int(self.extra["freeze_last_layer_steps"])
+        freeze = step < self.epochs_to_steps(self.extra["freeze_last_layer_epochs"])
         student = self._forward_grouped(lambda x: self.head(self.backbone(x), freeze_last=freeze), views)
         with torch.no_grad():
-            teacher = self._forward_grouped(lambda x: self.target_head(self.target_backbone(x)),
+            teacher = self._forward_grouped(lambda x: run_target(self.target_head, run_target(self.target_backbone, x)),
                                             list(views[:self.num_global_views]))
         loss = dino_loss(student, teacher, self.center, self.temperature, self.teacher_temperature(step))
         if self.training:

@@ -1,8 +1,9 @@
 """MoCo-v2 (Chen et al. 2020): a momentum key encoder and a queue of negatives.
 
 views[0] (the real image) gives the queries, views[1] (its SASI) the keys, as in the
-SASI paper's Fig. 2. extra: symmetric (also swap the roles; twice the cost),
-bn_splits (shuffle-BN in one process: key sub-batches that each see their own BatchNorm
+SASI paper's Fig. 2. Shuffle-BN is on by default (method.shuffle_bn; MoCo's
+builder.py). extra: symmetric (also swap the roles; twice the cost), bn_splits
+(shuffle-BN in one process: key sub-batches that each see their own BatchNorm
 statistics, emulating trainers on separate devices).
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ from sasi_online.errors import UserInputError
 from sasi_online.ssl import distributed as D
 from sasi_online.ssl.heads import mlp
 from sasi_online.ssl.losses import info_nce
-from sasi_online.ssl.methods.base import Method, make_target
+from sasi_online.ssl.methods.base import Method, make_target, run_target, shuffled_keys
 
 Tensor = torch.Tensor
 
@@ -25,6 +26,8 @@ class MoCoV2(Method):
     default_temperature = 0.2
     default_momentum = 0.999
     default_momentum_final = None  # MoCo-v2 keeps its key-encoder momentum fixed
+    uses_momentum = uses_temperature = True
+    fp32_buffers = ("queue",)
     extra_defaults = {"symmetric": False, "bn_splits": 2}
 
     def __init__(self, cfg, backbone: nn.Module, feat_dim: int):
@@ -66,23 +69,14 @@ class MoCoV2(Method):
         return F.normalize(self.projector(self.backbone(x)), dim=1)
 
     def _key_net(self, x: Tensor) -> Tensor:
-        return F.normalize(self.target_projector(self.target_backbone(x)), dim=1)
+        return F.normalize(run_target(self.target_projector, run_target(self.target_backbone, x)), dim=1)
 
     @torch.no_grad()
     def keys(self, x: Tensor) -> Tensor:
         """Key embeddings, with shuffle-BN when method.shuffle_bn is set."""
         if not self.cfg.shuffle_bn:
             return self._key_net(x)
-        if D.world_size() > 1:
-            shuffled, undo = D.shuffle_batch(x)
-            return D.unshuffle_batch(self._key_net(shuffled), undo)
-        # One process: the permutation alone would not change BatchNorm's statistics;
-        # splitting the shuffled batch does (MoCo's single-device SplitBatchNorm idea).
-        perm = torch.randperm(x.shape[0], device=x.device)
-        k = torch.empty(x.shape[0], self.cfg.proj_dim, device=x.device, dtype=x.dtype)
-        for idx in perm.chunk(max(1, int(self.extra["bn_splits"]))):
-            k[idx] = self._key_net(x[idx]).to(k.dtype)
-        return k
+        return shuffled_keys(self._key_net, x, self.cfg.proj_dim, self.extra["bn_splits"])
 
     def forward(self, views, step: int = 0, total_steps: int = 1):
         self._check_views(views)
@@ -90,7 +84,7 @@ class MoCoV2(Method):
         if self._checked_batch != global_batch:
             self.check_global_batch(global_batch)
         pairs = [(0, 1), (1, 0)] if self.extra["symmetric"] else [(0, 1)]
-        queue = self.queue.clone().detach()
+        queue = self.queue.clone().detach()  # fp32 (losses widen q and k to it)
         losses, accs = [], []
         for qi, ki in pairs:
             q = self._query(views[qi])
@@ -98,7 +92,8 @@ class MoCoV2(Method):
             losses.append(info_nce(q, k, queue, self.temperature))
             with torch.no_grad():
                 # Positive ranked above every negative: a cheap sign of learning.
-                accs.append(((q * k).sum(1) > (q @ queue.t()).max(1).values).float().mean())
+                qf = q.float()
+                accs.append(((qf * k.float()).sum(1) > (qf @ queue.t()).max(1).values).float().mean())
             if self.training:
                 self._pending_keys.append(D.gather(k))
         loss = sum(losses) / len(losses)
@@ -114,9 +109,9 @@ class MoCoV2(Method):
     @torch.no_grad()
     def _enqueue(self, keys: Tensor) -> None:
         n, size = keys.shape[0], self.queue.shape[0]
-        ptr = int(self.queue_ptr)
+        ptr = self.host_count("queue_ptr")
         if size % n:
             raise ValueError(f"method.queue_size={size} is not a multiple of the {n} keys pushed "
                              f"per step; choose a multiple of the global batch")
         self.queue[ptr:ptr + n] = keys.to(self.queue.dtype)
-        self.queue_ptr.fill_((ptr + n) % size)
+        self.set_count("queue_ptr", (ptr + n) % size)

@@ -8,13 +8,15 @@ import torch.nn as nn
 from sasi_online.ssl import distributed as D
 from sasi_online.ssl.heads import mlp
 from sasi_online.ssl.losses import cross_batch_info_nce
-from sasi_online.ssl.methods.base import Method, make_target
+from sasi_online.ssl.methods.base import Method, make_target, run_target
 
 
 class MoCoV3(Method):
     name = "mocov3"
     default_temperature = 0.2
     default_momentum = 0.99
+    uses_momentum = uses_temperature = True
+    temperature_doc = "1.0 (ResNet), 0.2 (ViT)"  # moco-v3 main_moco.py L104, CONFIG.md L113
 
     def __init__(self, cfg, backbone: nn.Module, feat_dim: int):
         super().__init__(cfg, backbone, feat_dim)
@@ -37,7 +39,7 @@ class MoCoV3(Method):
         self._check_views(views)
         q1, q2 = (self.predictor(self.projector(self.backbone(v))) for v in views)
         with torch.no_grad():
-            k1, k2 = (self.target_projector(self.target_backbone(v)) for v in views)
+            k1, k2 = (run_target(self.target_projector, run_target(self.target_backbone, v)) for v in views)
         offset = D.rank() * views[0].shape[0]
         loss = (cross_batch_info_nce(q1, D.gather(k2), self.temperature, offset)
                 + cross_batch_info_nce(q2, D.gather(k1), self.temperature, offset))

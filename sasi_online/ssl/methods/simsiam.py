@@ -11,7 +11,7 @@ from sasi_online.ssl.methods.base import Method
 
 class SimSiam(Method):
     name = "simsiam"
-    extra_defaults = {"fix_pred_lr": True}
+    extra_defaults = {"fix_pred_lr": True}  # simsiam main_simsiam.py L90, README.md L32
 
     def __init__(self, cfg, backbone: nn.Module, feat_dim: int):
         super().__init__(cfg, backbone, feat_dim)
