@@ -6,6 +6,11 @@ result does not depend on a seed or on batch order; the gradient is accumulated 
 chunks so an ImageNet-size feature matrix fits on one device. The L2 strength is picked
 from a small list on a seeded, class-balanced hold-out of the training features, then
 the probe is refitted on all of them (the usual protocol: SimCLR, solo-learn).
+
+`sgd_linear_probe` is the standard protocol instead (`eval.linear=sgd`, MoCo's lincls and
+solo-learn's linear evaluation): a linear layer trained by SGD on the frozen backbone's
+features of random-resized-crop + flip views, re-encoded every epoch, with a cosine
+schedule; slower (a GPU job at ImageNet size), resumable after every epoch.
 """
 from __future__ import annotations
 
@@ -129,3 +134,149 @@ def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
     clf = fit_logistic(x_train, y_train, num_classes, wd, max_iter=max_iter)
     return {**topk_accuracy(clf.scores(x_test), test_labels), "weight_decay": wd,
             "holdout_top1": holdout, "iterations": clf.iterations, "train_size": len(train_feats)}
+
+
+# ----------------------------------------------------------------------------- SGD protocol
+@dataclass
+class SgdProtocol:
+    """MoCo's / solo-learn's linear evaluation: `eval.linear=sgd`."""
+
+    epochs: int = 100
+    lr: float = 30.0
+    batch_size: int = 256
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    seed: int = 0
+    num_workers: int = 0
+
+
+def train_transform(image_size: int, mean, std):
+    """Random-resized-crop (area 8-100 %) + horizontal flip + normalise: the lincls recipe."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(image_size, antialias=True),
+                       v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(list(mean), list(std))])
+
+
+def _epoch_loader(train_ds, transform, proto: SgdProtocol, epoch: int, device: torch.device):
+    """This epoch's batches: the order and every augmentation draw are functions of (seed, epoch),
+    so a run resumed at epoch e sees exactly what the uninterrupted one saw."""
+    from torch.utils.data import DataLoader
+
+    from sasi_online.eval.features import _Clean, _collate
+    from sasi_online.utils import derive_seed
+
+    gen = torch.Generator().manual_seed(derive_seed("linear_sgd", proto.seed, epoch) % (1 << 62))
+    return DataLoader(_Clean(train_ds, transform), batch_size=proto.batch_size, shuffle=True,
+                      generator=gen, num_workers=proto.num_workers, collate_fn=_collate,
+                      pin_memory=device.type == "cuda")
+
+
+def _load_state(path, key: str):
+    from pathlib import Path
+
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a truncated state file is recomputed, never trusted
+        return None
+    return state if isinstance(state, dict) and state.get("key") == key else None
+
+
+def _save_state(path, state: dict) -> None:
+    import io
+
+    from sasi_online.utils import atomic_write_bytes
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _new_layer(dim: int, num_classes: int, proto: SgdProtocol, steps: int, device: torch.device):
+    """The layer (N(0, 0.01) weights drawn on the CPU from the seed, so every device starts
+    from the same one; zero bias), its SGD and a cosine schedule over every step."""
+    from sasi_online.utils import derive_seed
+
+    layer = torch.nn.Linear(dim, num_classes, device="cpu", dtype=torch.float32)
+    init = torch.Generator().manual_seed(derive_seed("linear_sgd_init", proto.seed) % (1 << 62))
+    with torch.no_grad():
+        layer.weight.normal_(0.0, 0.01, generator=init)
+        layer.bias.zero_()
+    layer = layer.to(device)
+    opt = torch.optim.SGD(layer.parameters(), lr=proto.lr, momentum=proto.momentum,
+                          weight_decay=proto.weight_decay)
+    return layer, opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+
+
+def _train_epoch(encode, layer, opt, sched, loader, device: torch.device) -> float:
+    """One pass; the mean loss is read back once, at the end (the epoch is the log step)."""
+    total, seen = torch.zeros((), device=device), 0
+    for batch in loader:
+        if batch is None:  # every image of the batch was corrupt
+            continue
+        x, y, _ = batch
+        with torch.no_grad():
+            feats = encode(x.to(device, non_blocking=True)).float()
+        loss = F.cross_entropy(layer(feats), y.to(device, non_blocking=True))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        total += loss.detach() * len(y)
+        seen += len(y)
+    return float(total) / max(seen, 1)
+
+
+def sgd_linear_probe(model: torch.nn.Module, train_ds, test_feats: torch.Tensor, test_labels: torch.Tensor,
+                     num_classes: int, image_size: int, mean, std, proto: SgdProtocol,
+                     device: str | torch.device = "cpu", state_path=None, key: str = "") -> dict:
+    """Train a linear layer on the frozen backbone's features of augmented train images.
+
+    The backbone stays in eval mode (BatchNorm on its running statistics) and under
+    no_grad; only the layer learns (SGD + momentum, cosine over every step, N(0, 0.01)
+    init, no feature normalisation, as MoCo's lincls). `test_feats` are the centre-crop
+    features the suite already extracted: the frozen backbone gives the same ones again.
+    With `state_path` the layer, optimizer and schedule are saved after every epoch and a
+    re-run with the same `key` resumes after the last finished epoch.
+    """
+    from tqdm.auto import tqdm
+
+    from sasi_online.eval.features import encoder_fn
+    from sasi_online.utils import derive_seed
+
+    device = torch.device(device)
+    if len(train_ds) == 0:
+        raise ValueError("cannot train a linear layer on an empty train split")
+    steps = proto.epochs * -(-len(train_ds) // proto.batch_size)
+    layer, opt, sched = _new_layer(test_feats.shape[1], num_classes, proto, steps, device)
+    start, losses = 0, []
+    state = _load_state(state_path, key)
+    if state is not None:
+        layer.load_state_dict(state["layer"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start, losses = int(state["epoch"]), list(state["losses"])
+    was_training = model.training
+    model.eval()
+    encode, transform = encoder_fn(model), train_transform(image_size, mean, std)
+    try:
+        for epoch in tqdm(range(start, proto.epochs), desc="linear (sgd)", unit="epoch", leave=False,
+                          initial=start, total=proto.epochs):
+            with torch.random.fork_rng(devices=[]):  # augmentation draws in this process
+                torch.manual_seed(derive_seed("linear_sgd_aug", proto.seed, epoch) % (1 << 62))
+                loader = _epoch_loader(train_ds, transform, proto, epoch, device)
+                losses.append(_train_epoch(encode, layer, opt, sched, loader, device))
+            if state_path is not None:
+                _save_state(state_path, {"key": key, "epoch": epoch + 1, "losses": losses,
+                                         "layer": layer.state_dict(), "optimizer": opt.state_dict(),
+                                         "scheduler": sched.state_dict()})
+    finally:
+        model.train(was_training)
+    with torch.no_grad():
+        scores = layer(test_feats.to(device).float())
+    return {**topk_accuracy(scores, test_labels), "protocol": "sgd", "epochs": proto.epochs, "lr": proto.lr,
+            "batch_size": proto.batch_size, "momentum": proto.momentum, "weight_decay": proto.weight_decay,
+            "train_losses": losses, "train_size": len(train_ds)}

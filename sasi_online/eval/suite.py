@@ -20,7 +20,7 @@ from sasi_online.config import Config, DataConfig, EvalConfig, config_from_dict,
 from sasi_online.errors import UserInputError
 from sasi_online.eval.features import Features, extract_features, load_features, save_features
 from sasi_online.eval.knn import knn_evaluate
-from sasi_online.eval.linear import Standardizer, linear_probe
+from sasi_online.eval.linear import SgdProtocol, Standardizer, linear_probe, sgd_linear_probe
 from sasi_online.eval.semi import (balanced_subset, fraction_label, match_split, read_split_file,
                                    split_file_label)
 from sasi_online.utils import atomic_write_json, file_sha256
@@ -59,6 +59,12 @@ def check_eval_config(ev: EvalConfig) -> None:
             problems.append(f"eval.{key} must be >= 1, got {getattr(ev, key)}")
     if ev.tsne_classes < 0 or ev.tsne_per_class < 1:
         problems.append("eval.tsne_classes must be >= 0 (0 skips the plot) and eval.tsne_per_class >= 1")
+    if ev.linear not in ("lbfgs", "sgd"):
+        problems.append(f"eval.linear must be lbfgs (fast probe) or sgd (the standard protocol), got '{ev.linear}'")
+    if ev.linear == "sgd" and (ev.linear_epochs < 1 or ev.linear_batch_size < 1 or ev.linear_lr <= 0):
+        problems.append("eval.linear=sgd needs eval.linear_epochs >= 1, eval.linear_batch_size >= 1 and "
+                        f"eval.linear_lr > 0 (MoCo: 100, 256, 30.0), got {ev.linear_epochs}, "
+                        f"{ev.linear_batch_size}, {ev.linear_lr}")
     decays = _floats(ev.linear_weight_decays, "eval.linear_weight_decays")
     if not decays or min(decays) < 0:
         problems.append(f"eval.linear_weight_decays must be a non-empty list of values >= 0, got {decays}")
@@ -240,9 +246,15 @@ def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path | None = Non
     if not results.has("knn"):
         results.put(knn_evaluate(dev(train.feats), dev(train.labels), dev(test.feats), dev(test.labels),
                                  k=ev.knn_k, t=ev.knn_t, num_classes=num_classes), "knn")
-    if not results.has("linear"):
-        results.put(linear_probe(dev(train.feats), dev(train.labels), dev(test.feats), test.labels,
-                                 num_classes, weight_decays, ev.seed, ev.linear_max_iter), "linear")
+    if not results.has("linear") and ev.linear == "sgd":
+        proto = SgdProtocol(ev.linear_epochs, ev.linear_lr, ev.linear_batch_size, seed=ev.seed,
+                            num_workers=ev.num_workers)
+        results.put(sgd_linear_probe(method, train_ds, test.feats, test.labels, num_classes, cfg.data.image_size,
+                                     mean, std, proto, device, out / "linear_sgd_state.pt", fingerprint), "linear")
+    elif not results.has("linear"):
+        results.put({**linear_probe(dev(train.feats), dev(train.labels), dev(test.feats), test.labels,
+                                    num_classes, weight_decays, ev.seed, ev.linear_max_iter),
+                     "protocol": "lbfgs"}, "linear")
 
     # Semi-supervised: labelled subsets of the train split; features standardised with the
     # statistics of the whole (unlabelled) train split, which needs no labels.
