@@ -1,16 +1,31 @@
 """sasi_online: contrastive self-supervised learning with semantic-aware synthetic images
 generated in the loop.
 
-`kernels/` and `engines/` sit at the repository top but install as
-`sasi_online.kernels` and `sasi_online.engines`: a top-level module named `kernels`
+`kernels/`, `engines/` and `configs/` sit at the repository top but install as
+`sasi_online.kernels`, `sasi_online.engines` and `sasi_online.configs`: a top-level module named `kernels`
 would shadow the Hugging Face package of that name, which diffusers probes for.
 """
 from setuptools import find_packages, setup
 
 core = find_packages(include=["sasi_online", "sasi_online.*"])
 extra_top = {"sasi_online.kernels": "kernels", "sasi_online.engines": "engines"}
+core += ["sasi_online.configs"]  # configs/: YAML only, shipped as package data
 for top_name, folder in list(extra_top.items()):
     core += [top_name] + [f"{top_name}.{p}" for p in find_packages(where=folder)]
+
+
+def _gpu_extra() -> list[str]:
+    """TensorRT 10 or 11 (the APIs engines/ is tested against), and the torch-tensorrt / xformers
+    builds that fit the torch already installed: torch-tensorrt X.Y requires torch X.Y exactly,
+    so any other pin would make pip replace torch; xformers 0.0.35 needs torch >= 2.10 only."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        torch_minor = ".".join(version("torch").split("+")[0].split(".")[:2])
+    except PackageNotFoundError:
+        torch_minor = "2.14"
+    return ["tensorrt>=10,<12", f"torch-tensorrt=={torch_minor}.*", "xformers==0.0.35"]
+
 
 setup(
     name="sasi_online",
@@ -20,8 +35,11 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=core,
-    package_dir={"sasi_online.kernels": "kernels", "sasi_online.engines": "engines"},
-    package_data={"sasi_online": ["assets/*", "assets/**/*"], "": ["*.yaml"]},
+    package_dir={"sasi_online.kernels": "kernels", "sasi_online.engines": "engines",
+                 "sasi_online.configs": "configs"},
+    package_data={"sasi_online": ["assets/*", "assets/**/*"], "sasi_online.configs": ["*.yaml", "**/*.yaml"],
+                  "sasi_online.data": ["recipes/*.yaml"],
+                  "": ["*.yaml"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.4",
@@ -31,6 +49,8 @@ setup(
         "accelerate",
         "safetensors",
         "tokenizers",
+        "sentencepiece",  # LLaMA-family folders that ship tokenizer.model only
+        "protobuf",  # with sentencepiece: the slow-to-fast tokenizer conversion
         "numpy",
         "pillow",
         "pyyaml",
@@ -46,9 +66,10 @@ setup(
         "onnxscript",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout"],
+        # timm: the export test loads into its ResNets; datasets: a store opens as an ImageFolder
+        "dev": ["pytest>=8", "pytest-timeout", "timm", "datasets"],
         # Not installable on CPU-only machines; every import of these is guarded.
-        "gpu": ["xformers", "torch-tensorrt", "tensorrt"],
+        "gpu": _gpu_extra(),
     },
     entry_points={"console_scripts": ["sasi=sasi_online.cli:main"]},
 )

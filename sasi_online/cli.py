@@ -19,6 +19,8 @@ COMMANDS = {
     "train": ("sasi_online.commands.train", "train an encoder on (real, SASI) pairs in one process"),
     "eval": ("sasi_online.commands.eval", "kNN, linear probe, semi-supervised, transfer, t-SNE and a report"),
     "demo": ("sasi_online.commands.demo", "the README's main job on the embedded data and the tiny models"),
+    "export": ("sasi_online.commands.export", "the trained backbone for torchvision, timm or detectron2"),
+    "reproduce": ("sasi_online.commands.reproduce", "the paper's tables: run scripts, then their results beside the paper's"),
 }
 
 
@@ -26,8 +28,9 @@ def build_parser(available: dict[str, tuple[str, str]] | None = None) -> argpars
     parser = argparse.ArgumentParser(
         prog="sasi",
         description="Contrastive self-supervised learning with semantic-aware synthetic images (SASI).",
-        epilog="Run 'sasi COMMAND --help' for a command's options. Configs live in configs/; "
-        "any config value can be overridden as section.key=value.",
+        epilog="Run 'sasi COMMAND --help' for a command's options. --config takes a YAML path or a "
+        "shipped name (tiny_cpu, imagenet100/byol, cifar10/swav: the configs/ folder, installed with "
+        "the package); any config value can be overridden as section.key=value.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in (COMMANDS if available is None else available).items():

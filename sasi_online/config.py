@@ -1,9 +1,11 @@
 """One typed config tree for every entry point.
 
-YAML files in `configs/` fill it; `section.key=value` overrides on the command line
-patch it. Unknown keys and ill-typed values are refused with a message naming the key
-and the closest valid one. Values are parsed with `yaml.safe_load`: nothing from a
-config is ever evaluated.
+YAML files fill it (a path, or a shipped name such as `imagenet100/byol` from `configs/`,
+which installs as `sasi_online.configs`); a file's `include:` list names others applied
+first, in order; `section.key=value` overrides on the command line patch it last. Fields
+left None take the published recipe of `method.name` (`resolve_recipe`). Unknown keys
+and ill-typed values are refused with a message naming the key and the closest valid one.
+Values are parsed with `yaml.safe_load`: nothing from a config is ever evaluated.
 """
 from __future__ import annotations
 
@@ -46,6 +48,10 @@ class ModelsConfig:
     sd21: str = "sd21"  # SD-2.1-style pipeline (v prediction)
     controlnet_sd15: str = "controlnet-sd15-seg"
     controlnet_sd21: str = "controlnet-sd21-seg"
+    taesd: str = "taesd"  # AutoencoderTiny (TAESD) decoder, used with generation.decoder=tiny
+    # Weight variant to load where a folder has it (e.g. fp16: `*.fp16.safetensors`); None: the
+    # plain weights, or the only variant a folder holds (an fp16-only download works as it is).
+    variant: Optional[str] = None
 
     def path(self, name: str) -> Path:
         return Path(self.root) / getattr(self, name)
@@ -66,6 +72,8 @@ class SemanticsConfig:
     temperature: float = 0.7
     top_p: float = 0.9
     caption_cache: Optional[str] = None  # JSONL file: each (image, SEP, model) captioned once
+    device: str = "auto"  # captioner + rewriter: auto (the generator's device, else cuda if present) | cpu | cuda:N
+    dtype: str = "auto"  # captioner + rewriter: auto (float16 on cuda, float32 on cpu) | float32 | float16 | bfloat16
 
 
 @dataclass
@@ -99,6 +107,13 @@ class GenerationConfig:
     device: str = "auto"  # auto (cuda if present) | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (float16 on cuda, float32 on cpu) | float32 | float16 | bfloat16
     engine_dir: Optional[str] = None  # where onnxruntime / TensorRT backends cache their graphs
+    # torch.compile mode for backend=compile, with diffusers' inductor settings: auto
+    # (reduce-overhead = CUDA graphs on a GPU, default on a CPU) | default | reduce-overhead | max-autotune
+    compile_mode: str = "auto"
+    pad_batches: str = "auto"  # pad the last partial batch to batch_size (static shapes): auto (compile/tensorrt) | on | off
+    channels_last: str = "auto"  # UNet, ControlNet, VAE in channels_last: auto (on CUDA) | on | off
+    fuse_qkv: bool = True  # fused QKV projections with SDPA attention (not with an explicit xformers request)
+    decoder: str = "vae"  # vae (the family's AutoencoderKL) | tiny (AutoencoderTiny from models.taesd)
     text: str = "model"  # model (BLIP-2 caption + LLM rewrite, the paper) | class_name ("a photo of a <class>")
 
 
@@ -112,22 +127,37 @@ class StoreConfig:
 @dataclass
 class FilterConfig:
     threshold: float = 0.6  # CLIP cosine below this flags a SASI as fishy (Appendix A)
+    device: str = "auto"  # CLIP: auto (cuda if present) | cpu | cuda | cuda:N
+    dtype: str = "auto"  # CLIP: auto (float16 on cuda, float32 on cpu) | float32 | float16 | bfloat16
 
 
 @dataclass
 class AugmentConfig:
-    recipe: str = "mocov2"  # mocov2 | simclr | dino, or a path to a recipe YAML
+    # None = the method's own (see README "Self-supervised methods"): mocov2 | simclr | byol |
+    # mocov3 | swav | dino | vicreg (data/recipes/), or a path to a recipe YAML
+    recipe: Optional[str] = None
     backend: str = "torchvision"  # torchvision | dali
 
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"  # sgd | lars | adamw
-    lr: float = 0.06  # per 256 images; scaled by global batch / 256
-    weight_decay: float = 5e-4
-    momentum: float = 0.9
-    warmup_steps: int = 0
-    min_lr: float = 0.0
+    # Every None below = the method's published recipe (sasi_online/ssl/recipes.py; the
+    # README's table lists them with their sources).
+    name: Optional[str] = None  # sgd | lars | adamw
+    lr: Optional[float] = None  # per 256 images; scaled by global batch / 256
+    weight_decay: Optional[float] = None
+    momentum: float = 0.9  # SGD / LARS momentum (AdamW: beta1 stays 0.9)
+    warmup_steps: Optional[int] = None  # set: overrides warmup_epochs
+    warmup_epochs: Optional[float] = None  # linear warm-up, in epochs of the training set
+    min_lr: Optional[float] = None  # end of the cosine, per 256 images like lr
+    weight_decay_end: Optional[float] = None  # cosine weight-decay schedule to this (DINO); None: constant
+    exclude_bias_norm: Optional[bool] = None  # no decay (and no LARS adaptation) on biases and norms
+    lars_eta: Optional[float] = None  # LARS trust coefficient
+    lars_clip: Optional[bool] = None  # LARC clipping: the layer's rate never exceeds the global one
+    # LARS trust ratio: "sum" eta*|w|/(|g| + wd*|w|) (LARC, SwAV, solo-learn) | "update"
+    # eta*|w|/|g + wd*w| (SimCLR, BYOL, MoCo-v3, Barlow Twins, VICReg)
+    lars_trust: Optional[str] = None
+    clip_grad: Optional[float] = None  # per-layer gradient-norm clip (DINO's); 0 = off
 
 
 @dataclass
@@ -135,10 +165,11 @@ class MethodConfig:
     name: str = "mocov2"
     backbone: str = "resnet18"  # resnet18 | resnet50 | resnet101 | vit_small
     small_stem: bool = True  # 3x3 stem without max-pool for small images
-    proj_dim: int = 128
-    proj_hidden: int = 512
-    pred_hidden: int = 512
-    queue_size: int = 65536  # MoCo-v2 negatives, AdCo bank; a multiple of the global batch
+    # None here = the method's published recipe (sasi_online/ssl/recipes.py).
+    proj_dim: Optional[int] = None
+    proj_hidden: Optional[int] = None
+    pred_hidden: Optional[int] = None
+    queue_size: Optional[int] = None  # MoCo-v2 negatives, AdCo bank; a multiple of the global batch
     # None = the method's published value (MoCo-v2 0.2, MoCo-v3 0.2, SimCLR 0.5, SwAV 0.1,
     # DINO student 0.1, AdCo 0.12; ignored by the others).
     temperature: Optional[float] = None
@@ -147,9 +178,9 @@ class MethodConfig:
     # momentum_final None = the method's own (1.0 for BYOL/DINO/MoCo-v3, constant for MoCo-v2/AdCo).
     momentum: Optional[float] = None
     momentum_final: Optional[float] = None
-    shuffle_bn: bool = False  # MoCo-v2: shuffle the key batch across trainers (split batches in one process)
-    num_prototypes: int = 300  # SwAV / DINO output size
-    local_crops: int = 0  # multi-crop
+    shuffle_bn: Optional[bool] = None  # MoCo-v2, AdCo: shuffle the key batch across trainers (split batches in one process)
+    num_prototypes: Optional[int] = None  # SwAV / DINO output size
+    local_crops: Optional[int] = None  # multi-crop (DINO, SwAV): local views after the global ones
     extra: dict = field(default_factory=dict)  # method-specific knobs; each method lists its own
 
 
@@ -170,12 +201,22 @@ class TrainConfig:
     knn_bank: int = 2000  # training images (evenly spaced) the kNN monitor votes with
     knn_test: int = 500  # test images the kNN monitor classifies
     resume: bool = True
+    # Timeout of the job's process groups (seconds). No wait of ours is a blocking call that
+    # this can cut short (a slow producer is polled, never waited on in a collective).
+    dist_timeout_s: int = 1800
 
 
 @dataclass
 class OnlineConfig:
-    producers: int = 0  # ranks that generate; 0 = offline training
+    # launched: the last `producers` ranks generate and send SASI to the trainers;
+    # colocated: each trainer generates on its own device between steps (one GPU is enough)
+    mode: str = "launched"
+    producers: int = 0  # ranks that generate (launched mode); 0 = offline training
+    colocated_every: int = 1  # colocated: one producer batch every K micro-steps
     ring_slots: int = 256
+    # Side of a ring slot (a SASI and its real image, resized once by the producer); 0: the
+    # augment recipe's largest view at data.image_size x 8/7 (256 px for 224 px crops)
+    slot_side: int = 0
     max_reuse: int = 8
     max_age: int = 2000  # trainer steps
     lookahead: int = 64  # trainer steps the producers generate ahead (0: random images, no look-ahead)
@@ -189,6 +230,9 @@ class OnlineConfig:
     # generation (caught, skipped); the producer loop itself raises after N batches.
     fault_batch: int = -1
     fault_loop_after: int = -1
+    fault_producer: int = -1  # the two hooks above act on this producer id only (-1: every producer)
+    fault_delay_s: float = 0.0  # producer `fault_delay_producer` sleeps this long before its first batch
+    fault_delay_producer: int = -1  # (-1: every producer)
 
 
 @dataclass
@@ -199,6 +243,13 @@ class EvalConfig:
     # from this list on a seeded class-balanced hold-out of the train split.
     linear_weight_decays: list = field(default_factory=lambda: [1e-4, 1e-3, 1e-2])
     linear_max_iter: int = 200
+    # Linear protocol: lbfgs (the fast probe above, on cached features) | sgd (MoCo's and
+    # solo-learn's: a linear layer trained by SGD, momentum 0.9, on the frozen backbone,
+    # random-resized-crop + flip, cosine schedule). The three below are for sgd only.
+    linear: str = "lbfgs"
+    linear_epochs: int = 100
+    linear_lr: float = 30.0  # MoCo-v2's lincls value at batch 256 (not scaled by batch)
+    linear_batch_size: int = 256
     semi_fractions: list = field(default_factory=lambda: [0.01, 0.1])
     semi_split_files: list = field(default_factory=list)  # SimCLR split files; replace semi_fractions
     transfer: list = field(default_factory=list)  # "dataset:ROOT" entries, e.g. "cifar10:data/cifar10"
@@ -287,6 +338,8 @@ def _fill(obj: Any, values: dict, where: str) -> None:
                 f"config key '{dotted}' must be {getattr(hints[key], '__name__', hints[key])}, "
                 f"got {value!r}"
             )
+        if isinstance(coerced, dict) and isinstance(current, dict):
+            coerced = {**current, **coerced}  # e.g. method.extra: an include's keys, then the file's
         setattr(obj, key, coerced)
 
 
@@ -305,30 +358,102 @@ def parse_overrides(items: list[str] | None) -> dict:
     return tree
 
 
+def shipped_config_dir() -> Path:
+    """The folder of the configs that ship with the package (`configs/` at the repository
+    top installs as `sasi_online.configs`, as kernels/ and engines/ do)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("sasi_online.configs")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0])
+    return Path(__file__).resolve().parent.parent / "configs"  # a source checkout
+
+
+def shipped_configs() -> list[str]:
+    """Shipped config names, e.g. 'tiny_cpu', 'imagenet100/byol'."""
+    root = shipped_config_dir()
+    return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml"))
+
+
+def find_config(name: str | Path, relative_to: Path | None = None) -> Path:
+    """A config file by path or shipped name. Top-level names (`relative_to` None) are tried
+    as a path first; included names relative to the including file's folder first. Then
+    the shipped configs: 'tiny_cpu', 'imagenet100/byol', 'configs/tiny_cpu.yaml'."""
+    raw = Path(name)
+    tries = [relative_to / raw] if relative_to is not None else [raw]
+    shipped = shipped_config_dir()
+    parts = raw.parts[1:] if raw.parts[:1] == ("configs",) and len(raw.parts) > 1 else raw.parts
+    if not raw.is_absolute() and parts:
+        tries.append(shipped.joinpath(*parts))
+    for p in list(tries):
+        if p.suffix not in (".yaml", ".yml"):
+            tries.append(p.with_name(p.name + ".yaml"))
+    for p in tries:
+        if p.is_file():
+            return p
+    close = difflib.get_close_matches(raw.with_suffix("").as_posix(), shipped_configs(), n=3)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    where = f" (included from '{relative_to}')" if relative_to is not None else ""
+    raise ConfigError(f"config file '{name}' not found{where}.{hint} Give a path to a YAML file or "
+                      f"a shipped name such as 'tiny_cpu' or 'imagenet100/byol' (the shipped "
+                      f"ones are the YAML files under {shipped}, named without '.yaml')")
+
+
+def _read_yaml(p: Path) -> dict:
+    with open(p, encoding="utf-8") as fh:
+        try:
+            values = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file '{p}' is not valid YAML: {exc}") from exc
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file '{p}' must hold a mapping of sections, got {type(values).__name__}")
+    return values
+
+
+def _apply_file(cfg: Config, p: Path, chain: tuple[Path, ...]) -> None:
+    """`include:` first (in order, each with its own includes), then the file's own keys."""
+    here = p.resolve()
+    if here in chain:
+        loop = " -> ".join(str(q) for q in chain[chain.index(here):] + (here,))
+        raise ConfigError(f"config include cycle: {loop}; remove one of these includes")
+    values = _read_yaml(p)
+    includes = values.pop("include", None) or []
+    if isinstance(includes, str):
+        includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        raise ConfigError(f"{p}: 'include' must be a config name or a list of them, got {includes!r}")
+    for name in includes:
+        _apply_file(cfg, find_config(name, relative_to=p.parent), chain + (here,))
+    try:
+        _fill(cfg, values, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the YAML file (if any), then dotted overrides."""
+    """Defaults, then the YAML file (if any; a path or a shipped name, its `include:` list
+    applied first), then dotted overrides."""
     cfg = Config()
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file '{p}' not found; the shipped ones are in configs/")
-        with open(p, encoding="utf-8") as fh:
-            try:
-                values = yaml.safe_load(fh) or {}
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"config file '{p}' is not valid YAML: {exc}") from exc
-        try:
-            _fill(cfg, values, "")
-        except ConfigError as exc:
-            raise ConfigError(f"{p}: {exc}") from None
+        _apply_file(cfg, find_config(path), ())
     _fill(cfg, parse_overrides(overrides), "")
-    return cfg
+    return resolve_recipe(cfg)
+
+
+def resolve_recipe(cfg: Config) -> Config:
+    """Fill every field left None with the published recipe of `method.name` (in place)."""
+    from sasi_online.ssl.recipes import apply_recipe
+
+    return apply_recipe(cfg)
 
 
 def config_from_dict(values: dict) -> Config:
     cfg = Config()
     _fill(cfg, values, "")
-    return cfg
+    return resolve_recipe(cfg)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
