@@ -143,7 +143,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget-seconds", type=float, default=None,
                    help="no phase starts after this (default 420 full size, 300 tiny)")
     p.add_argument("--section-seconds", type=float, default=None, help="timing loop per measurement (8; tiny 1)")
-    p.add_argument("--generate-seconds", type=float, default=None, help="generate phase guard (150; tiny 30)")
+    p.add_argument("--generate-seconds", type=float, default=None, help="generate phase guard (240; tiny 30): eager rows first, then one compile per shape while at least --compile-min-seconds are left")
     p.add_argument("--kernels-seconds", type=float, default=60.0, help="kernels phase guard (default 60)")
     p.add_argument("--steps", type=int, default=20, help="denoising steps per SASI, for SASI/s (default: 20)")
     p.add_argument("--batches", type=int, nargs=2, default=None, help="two batch sizes (default: 1 8; tiny: 1 2)")
@@ -159,7 +159,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"unknown phase(s) {unknown}; choose from {', '.join(PHASES)}")
     args.budget_seconds = args.budget_seconds or (300.0 if args.tiny else 420.0)
     args.section_seconds = args.section_seconds or (1.0 if args.tiny else 8.0)
-    args.generate_seconds = args.generate_seconds or (30.0 if args.tiny else 150.0)
+    args.generate_seconds = args.generate_seconds or (30.0 if args.tiny else 240.0)
     args.batches = args.batches or ([1, 2] if args.tiny else [1, 8])
     args.resolutions = args.resolutions or ([32, 64] if args.tiny else [256, 512])
     args.compile = (not args.tiny) if args.compile is None else args.compile

@@ -163,7 +163,7 @@ def run(args, out_dir: Path) -> list[dict]:
     dev = device()
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     out_dir.mkdir(parents=True, exist_ok=True)
-    deadline = time.perf_counter() + float(getattr(args, "generate_seconds", 30.0 if tiny else 150.0))
+    deadline = time.perf_counter() + float(getattr(args, "generate_seconds", 30.0 if tiny else 240.0))
     seconds = float(getattr(args, "section_seconds", 1.0 if tiny else 8.0))
     px = 64 if tiny else 512
     small, large = (1, 2) if tiny else (1, 8)
