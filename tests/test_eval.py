@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from _tiny_checkpoint import save_untrained_mocov2
 from sasi_online.errors import UserInputError
 from sasi_online.eval.knn import knn_evaluate, knn_predict
 from sasi_online.eval.linear import fit_logistic, linear_probe
@@ -247,17 +248,8 @@ def test_deepspeed_layout_is_resolved_and_a_config_mismatch_is_refused(tmp_path)
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     """A real (untrained) MoCo-v2 ResNet-18 on 16 px embedded images, saved as `sasi eval` reads it."""
-    ssl = pytest.importorskip("sasi_online.ssl")
-    from sasi_online.config import Config
-
-    cfg = Config()
-    cfg.data.limit, cfg.data.image_size = 120, 16
-    cfg.method.name, cfg.method.queue_size = "mocov2", 256
-    torch.manual_seed(0)
-    method = ssl.build_method(cfg.method)
     path = tmp_path_factory.mktemp("run") / "base" / "ckpt.pt"
-    path.parent.mkdir()
-    torch.save({"config": cfg.to_dict(), "model": method.state_dict()}, path)
+    cfg, _ = save_untrained_mocov2(path)
     return path, cfg
 
 

@@ -6,20 +6,14 @@ import torch
 
 from sasi_online.errors import UserInputError
 
+from _tiny_checkpoint import save_untrained_mocov2
+
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A real (untrained) MoCo-v2 ResNet-18 on 16 px embedded images, saved as `sasi eval` reads it."""
-    ssl = pytest.importorskip("sasi_online.ssl")
-    from sasi_online.config import Config
-
-    cfg = Config()
-    cfg.data.limit, cfg.data.image_size = 120, 16
-    cfg.method.name, cfg.method.queue_size = "mocov2", 256
-    torch.manual_seed(0)
-    method = ssl.build_method(cfg.method)
     path = tmp_path_factory.mktemp("run") / "ckpt.pt"
-    torch.save({"config": cfg.to_dict(), "model": method.state_dict()}, path)
+    cfg, method = save_untrained_mocov2(path)
     return path, cfg, method.eval()
 
 
