@@ -217,3 +217,20 @@ def test_deep_cache_backend_skips_work_and_stays_close(tiny_zoo):
     with pytest.raises(UserInputError, match="deep_cache_interval"):
         bad = _cfg(tiny_zoo, family="sd21", deep_cache_interval=2, backend="compile")
         SASIGenerator.from_config(bad.models, bad.generation).family("sd21")
+
+
+def test_device_output_is_the_host_output(generators):
+    """generate(on_device=True) keeps images as a uint8 tensor: the same bytes as the numpy path."""
+    from sasi_online.generation import loop
+
+    real, masks = _images(4)
+    vps, prompts, seeds = _vps("mix", real, masks), ["a cat", "a red shirt"], [8, 9]
+    host = generators["sd15"].generate(prompts, vps, seeds)
+    dev = generators["sd15"].generate(prompts, vps, seeds, on_device=True)
+    assert torch.is_tensor(dev.images) and dev.images.dtype == torch.uint8
+    assert dev.images.device == torch.device(generators["sd15"].device)
+    assert np.array_equal(dev.images.cpu().numpy(), host.images) and np.array_equal(dev.finite, host.finite)
+    # rounding ties and the clamp ends convert the same way on both paths
+    x = torch.tensor([-1.5, -1.0, 1 / 255 - 1, 3 / 255 - 1, 0.0, 1.0, 2.0]).view(1, 1, 1, -1).expand(2, 3, 1, -1)
+    x = torch.cat([x, torch.rand(2, 3, 1, 7, generator=torch.Generator().manual_seed(0)) * 2 - 1], 2)
+    assert np.array_equal(loop.to_uint8(x, host=False).numpy(), loop.to_uint8(x))

@@ -68,3 +68,36 @@ def test_non_finite_outputs_are_dropped_and_counted(tiny_zoo, folder_dataset):
     made = maker.make([(0, 0), (1, 0)])
     assert len(made) == 0 and made.images.shape == (0, RES, RES, 3)
     assert made.failed == [(0, 0), (1, 0)] and maker.counts["non_finite"] == 2
+
+
+def test_device_sasi_path_gives_the_same_slots_and_host_copies_only_for_the_store(tiny_zoo, folder_dataset, tmp_path):
+    """The CUDA path (forced here on the CPU): SASI kept on the device, resized there into the
+    same slots; the full-resolution numpy batch exists only when the store is written."""
+    cfg = _cfg(tiny_zoo)
+    maker = SasiMaker(cfg, folder_dataset)
+    assert maker.on_device is False  # a CPU generator keeps today's numpy path
+    items = [(0, 0), (1, 0)]
+    host = maker.make(items)
+    maker.on_device = True
+    dev = maker.make(items)
+    assert dev.images is None and torch.equal(dev.slots, host.slots)
+    maker.store_images = True  # what store.write_online + store.path set
+    stored = maker.make(items)
+    assert isinstance(stored.images, np.ndarray) and np.array_equal(stored.images, host.images)
+    cfg.store.write_online, cfg.store.path = True, str(tmp_path / "store")
+    assert SasiMaker(cfg, folder_dataset, generator=maker.generator, on_device=True).store_images
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_producer_keeps_sasi_on_the_device_and_stages_them(tiny_zoo, folder_dataset):
+    from sasi_online.online.transport import HostStager, is_ready
+
+    cfg = _cfg(tiny_zoo)
+    cfg.generation.device = "cuda"
+    maker = SasiMaker(cfg, folder_dataset)
+    made = maker.make([(0, 0), (1, 0)])
+    assert maker.on_device and made.slots.is_cuda and made.images is None
+    host, event = HostStager(made.slots.device).stage(made.slots[[1, 0]])
+    event.synchronize()
+    assert is_ready(event) and host.is_pinned() and not host.is_cuda
+    assert torch.equal(host, made.slots[[1, 0]].cpu())

@@ -35,12 +35,13 @@ STAGES = ("text", "latents", "denoise", "decode")
 class GenerationResult:
     """Images of one `generate` call, in input order.
 
-    images: N x H x W x 3 uint8 (all zero where `finite` is False: never use those);
+    images: N x H x W x 3 uint8 (all zero where `finite` is False: never use those): a
+    numpy array, or with `generate(..., on_device=True)` a uint8 tensor on the generator's device;
     finite: per-image flag; retries: regenerations per image; seeds: the seed that made
     each image (differs from the request after a retry); seconds: time per stage.
     """
 
-    images: np.ndarray
+    images: Any  # np.ndarray, or a torch.Tensor on the device (on_device=True)
     finite: np.ndarray
     retries: np.ndarray
     seeds: list
@@ -158,14 +159,18 @@ class SASIGenerator:
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompts: Sequence[str], prompts_visual: Sequence[Any],
-                 seeds: Sequence[int]) -> GenerationResult:
-        """Generate one image per (prompt, visual prompt, seed); None as VP means text only."""
+                 seeds: Sequence[int], on_device: bool = False) -> GenerationResult:
+        """Generate one image per (prompt, visual prompt, seed); None as VP means text only.
+
+        on_device: keep the images on the generator's device (a uint8 tensor, the same values
+        as the default numpy array); only the per-image finite flags are read back, once a batch."""
         n = len(prompts)
         if len(prompts_visual) != n or len(seeds) != n:
             raise UserInputError(f"generate needs as many visual prompts and seeds as prompts "
                                  f"({n}); got {len(prompts_visual)} and {len(seeds)}")
         res = self.cfg.resolution
-        images = np.zeros((n, res, res, 3), np.uint8)
+        images = (torch.zeros((n, res, res, 3), dtype=torch.uint8, device=self.device) if on_device
+                  else np.zeros((n, res, res, 3), np.uint8))
         finite = np.zeros(n, bool)
         retries = np.zeros(n, np.int64)
         used_seeds = [int(s) for s in seeds]
@@ -184,7 +189,7 @@ class SASIGenerator:
                     idx = pending[start:start + self.cfg.batch_size]
                     out, ok = self._run_batch(
                         fam_name, [prompts[i] for i in idx], [prompts_visual[i] for i in idx],
-                        [used_seeds[i] for i in idx], seconds)
+                        [used_seeds[i] for i in idx], seconds, host=not on_device)
                     for j, i in enumerate(idx):
                         finite[i] = ok[j]
                         if ok[j]:
@@ -241,7 +246,7 @@ class SASIGenerator:
 
     @torch.inference_mode()
     def _run_batch(self, fam_name: str, prompts: list, vps: list, seeds: list,
-                   seconds: dict) -> tuple[np.ndarray, np.ndarray]:
+                   seconds: dict, host: bool = True) -> tuple[Any, np.ndarray]:
         cfg = self.cfg
         fam = self.family(fam_name)
         backend = self._backends[fam_name]
@@ -270,7 +275,7 @@ class SASIGenerator:
         # padding rows are dropped
         decoded = self._decoders[fam_name](latents)[:real]
         ok = torch.isfinite(latents[:real]).flatten(1).all(1) & torch.isfinite(decoded).flatten(1).all(1)
-        out = loop.to_uint8(torch.nan_to_num(decoded))
+        out = loop.to_uint8(torch.nan_to_num(decoded), host=host)
         t4 = time.perf_counter()
         for name, dt in zip(STAGES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
             seconds[name] += dt

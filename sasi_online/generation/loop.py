@@ -205,7 +205,14 @@ def decode(vae: Any, latents: torch.Tensor) -> torch.Tensor:
     return vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
 
 
-def to_uint8(images: torch.Tensor) -> "np.ndarray":  # noqa: F821
-    """[-1, 1] images → N x H x W x 3 uint8, rounded the way diffusers' PIL output is."""
-    x = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
-    return (x * 255).round().astype("uint8")
+def to_uint8(images: torch.Tensor, host: bool = True) -> "np.ndarray | torch.Tensor":  # noqa: F821
+    """[-1, 1] images → N x H x W x 3 uint8, rounded the way diffusers' PIL output is.
+
+    host=True: a numpy array. host=False: a uint8 tensor on the images' device, the same
+    values (the same float32 scale, round half to even, clamp), converted there: nothing is
+    read back, so a GPU producer can resize and stage its SASI without a host round trip."""
+    if host:
+        x = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+        return (x * 255).round().astype("uint8")
+    x = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+    return (x * 255).round().to(torch.uint8).contiguous()

@@ -5,6 +5,10 @@ a producer can interleave them with its control work. Failures stay inside the b
 an unreadable real image drops that item, a non-finite output (after the generator's own
 retries) drops that SASI; both are counted. Whatever raises out of `make` (e.g. an
 out-of-memory error) is the producer loop's to catch and skip.
+
+On a CUDA generator the SASI stay on the device: they are resized into ring slots there,
+their finiteness is read back once a batch (the generator's flags), and a host copy of the
+full-resolution batch is made only when the store is written (`store.write_online`).
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import numpy as np
+import torch
 
 from sasi_online.errors import CorruptImageError
 
@@ -25,8 +30,10 @@ log = logging.getLogger(__name__)
 class MadeBatch:
     indices: list[int] = field(default_factory=list)
     variants: list[int] = field(default_factory=list)
-    images: Optional[np.ndarray] = None  # n x H x W x 3 uint8, only finite SASI (what the store keeps)
-    slots: Any = None  # uint8 tensor [n, 2, S, S, 3]: each SASI and its real image at the ring's side
+    # n x H x W x 3 uint8, only finite SASI (what the store keeps); None when SASI stay on
+    # the device and no store is written
+    images: Optional[np.ndarray] = None
+    slots: Any = None  # uint8 tensor [n, 2, S, S, 3] on the generator's device: each SASI and its real image
     captions: list[str] = field(default_factory=list)
     rewrites: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
@@ -41,7 +48,8 @@ class MadeBatch:
 class SasiMaker:
     """Holds the models of one producer; `make([(index, variant), ...])` → MadeBatch."""
 
-    def __init__(self, cfg: Any, dataset: Any, generator: Any = None, kind: Optional[str] = None):
+    def __init__(self, cfg: Any, dataset: Any, generator: Any = None, kind: Optional[str] = None,
+                 on_device: Optional[bool] = None):
         from sasi_online.generation.generator import SASIGenerator
         from sasi_online.generation.text_stage import make_text_source
 
@@ -59,6 +67,11 @@ class SasiMaker:
         from .slots import slot_side
 
         self.slot_side = slot_side(cfg)  # what the trainers' rings hold (resized once, here)
+        device = getattr(self.generator, "device", None)
+        # None: keep SASI on the device when the generator runs on CUDA (a CPU keeps numpy)
+        self.on_device = (device is not None and torch.device(device).type == "cuda") if on_device is None \
+            else bool(on_device)
+        self.store_images = bool(cfg.store.write_online and cfg.store.path)  # the store needs host copies
 
     @property
     def resolution(self) -> int:
@@ -67,8 +80,6 @@ class SasiMaker:
     def make(self, items: Sequence[tuple[int, int]]) -> MadeBatch:
         from sasi_online.visual.prompts import build_visual_prompts
         from sasi_online.visual.variants import plan_variant
-
-        from .slots import make_slots
 
         cfg = self.cfg
         out = MadeBatch()
@@ -95,11 +106,13 @@ class SasiMaker:
             vps = build_visual_prompts([s.image for s in samples], [i for i, _ in kept], [v for _, v in kept],
                                        cfg=vcfg, resolution=self.resolution, base_seed=cfg.generation.seed,
                                        segmenter=self.segmenter, semantic_variants=sem_variants)
-        result = self.generator.generate(rewrites, vps, [p.seed for p in plans])
+        seeds = [p.seed for p in plans]
+        result = (self.generator.generate(rewrites, vps, seeds, on_device=True) if self.on_device
+                  else self.generator.generate(rewrites, vps, seeds))
+        well_formed = _is_uint8(result.images) and tuple(result.images.shape[1:]) == (self.resolution, self.resolution, 3)
         good = []
         for j, (index, variant) in enumerate(kept):
-            image = result.images[j]
-            if not result.finite[j] or image.dtype != np.uint8 or image.shape != (self.resolution, self.resolution, 3):
+            if not (result.finite[j] and well_formed):
                 out.failed.append((index, variant))
                 self.counts["non_finite"] += 1
                 continue
@@ -111,8 +124,22 @@ class SasiMaker:
             out.seeds.append(int(result.seeds[j]))
             out.relpaths.append(samples[j].relpath)
             out.retries.append(int(result.retries[j]))
-        out.images = result.images[good] if good else np.zeros((0, self.resolution, self.resolution, 3), np.uint8)
-        out.slots = make_slots(out.images, [samples[j].image for j in good], self.slot_side,
-                               device=getattr(self.generator, "device", None))
+        out.images, out.slots = self._outputs(result.images, good, [samples[j].image for j in good])
         self.counts["made"] += len(good)
         return out
+
+    def _outputs(self, images: Any, good: list[int], reals: list) -> tuple[Optional[np.ndarray], Any]:
+        """(the store's full-resolution numpy batch, the ring slots) of the finite SASI."""
+        from .slots import make_slots
+
+        res = self.resolution
+        if not self.on_device:
+            host = images[good] if good else np.zeros((0, res, res, 3), np.uint8)
+            return host, make_slots(host, reals, self.slot_side, device=getattr(self.generator, "device", None))
+        sasi = images[good] if good else images.new_zeros((0, res, res, 3))
+        host = sasi.cpu().numpy() if self.store_images else None  # one copy of the batch, for the store
+        return host, make_slots(sasi, reals, self.slot_side)
+
+
+def _is_uint8(images: Any) -> bool:
+    return images.dtype == (torch.uint8 if torch.is_tensor(images) else np.uint8)

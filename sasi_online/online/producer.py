@@ -119,6 +119,7 @@ class SasiFactory:
                           f"still sending them to the trainers")
             self.store.close()
             self.store = None
+            self.maker.store_images = False  # device SASI need no host copy any more
 
     def _jobs(self, now: int) -> tuple[list, dict]:
         items, by_item = [], {}
