@@ -115,7 +115,8 @@ def main() -> int:
         row["hub_s"] = round(timed("model_hash", hub(folder, out / f"{name}-hub"), out / f"{name}-cache-hub")[0], 3)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    (out / "identity.json").write_text(json.dumps(rows, indent=1))
+    from sasi_online.utils import atomic_write_json
+    atomic_write_json(out / "identity.json", rows)
     return 0
 
 

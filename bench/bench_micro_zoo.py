@@ -57,7 +57,8 @@ def main() -> None:
     result = {"micro": _measure(micro)}
     if args.random:
         result["random"] = _measure(Path(args.random))
-    (out / "micro_zoo.json").write_text(json.dumps(result, indent=2))
+    from sasi_online.utils import atomic_write_json
+    atomic_write_json(out / "micro_zoo.json", result)
     print(json.dumps(result, indent=2))
 
 

@@ -13,7 +13,6 @@ It also runs the same steps at slots / 10: an O(batch) ring costs the same at bo
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -25,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sasi_online.online.ring import RingPool  # noqa: E402
+from sasi_online.utils import atomic_write_json  # noqa: E402
 
 OPS = ("lookup", "draw", "put", "stats")
 
@@ -93,8 +93,7 @@ def main(argv=None) -> dict:
     print(f"hit rate {full['hit_rate']:.2f}, {full['draws']:.0f} pool draws per micro-step")
     result = {"full": full, "tenth": small}
     if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "ring.json").write_text(json.dumps(result, indent=2))
+        atomic_write_json(Path(args.out) / "ring.json", result)
     return result
 
 

@@ -134,8 +134,8 @@ def main(argv=None) -> dict:
     print(f"lookups: {opened['variant_lookups_per_s']:,.0f} variant tables/s (index only), "
           f"{opened['record_reads_per_s']:,.0f} full records/s (from the manifest)")
     if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "store.json").write_text(json.dumps(result, indent=2))
+        from sasi_online.utils import atomic_write_json
+        atomic_write_json(Path(args.out) / "store.json", result)
     return result
 
 
