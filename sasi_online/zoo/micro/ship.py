@@ -1,7 +1,7 @@
 """`build_micro`: a complete model zoo from the micro models shipped with the package
 (sasi_online/assets/micro_zoo/, each file's sha256 in its zoo.json), plus random tiny
 models (the zoo's own builders, `seed`) for every folder the micro set does not ship; a shipped
-`vae/` replaces the VAE of both diffusion families.
+`vae/` goes into both diffusion families (a shipped `sd15/` or `sd21/` holds no VAE of its own).
 Copying and the random builders are deterministic: the same seed gives the same bytes."""
 from __future__ import annotations
 
@@ -41,12 +41,32 @@ def _random_builders(tmp: Path, seed: int) -> dict:
     from .. import build as b
     from ..tiny_lm import _build_blip2, _build_llama
 
-    def sd(family):
+    def sd(family):  # a random pipeline and its random ControlNet
         return lambda: b._build_controlnet(tmp, f"controlnet-{family}-seg", b._build_sd(tmp, family, seed), seed)
 
-    return {"sd15": sd("sd15"), "sd21": sd("sd21"), "taesd": lambda: b._build_taesd(tmp, seed),
+    def controlnet(family):  # a random ControlNet for a shipped (already copied) UNet
+        def build():
+            from diffusers import UNet2DConditionModel
+
+            unet = UNet2DConditionModel.from_pretrained(str(tmp / family / "unet"))
+            b._build_controlnet(tmp, f"controlnet-{family}-seg", unet, seed)
+        return build
+
+    return {"sd15": sd("sd15"), "sd21": sd("sd21"), "controlnet-sd15-seg": controlnet("sd15"),
+            "controlnet-sd21-seg": controlnet("sd21"), "taesd": lambda: b._build_taesd(tmp, seed),
             "upernet": lambda: b._build_upernet(tmp, seed), "clip": lambda: b._build_clip(tmp, seed),
             "blip2": lambda: _build_blip2(tmp, seed, 150), "llama": lambda: _build_llama(tmp, seed, 200)}
+
+
+def _family(controlnet_folder: str) -> str:
+    return controlnet_folder.split("-")[1]  # controlnet-sd15-seg -> sd15
+
+
+def _trained_folders(folders, shipped_dirs: set) -> list:
+    """Shipped folders, in zoo order; a shipped ControlNet counts only beside its shipped
+    family (it was trained from that UNet and fits no random one)."""
+    return [f for f in folders if f in shipped_dirs
+            and (not f.startswith("controlnet-") or _family(f) in shipped_dirs)]
 
 
 def _identity(manifest: dict, seed: int) -> str:
@@ -93,17 +113,17 @@ def build_micro(out_dir: str | Path, seed: int = 0, force: bool = False, root: P
     tmp.mkdir()
     t0 = time.perf_counter()
     shipped_dirs = {rel.split("/", 1)[0] for rel in shipped["files"] if "/" in rel}
-    trained = [f for f in FOLDERS if f in shipped_dirs]
+    trained = _trained_folders(FOLDERS, shipped_dirs)
     builders = _random_builders(tmp, seed)
     random = [f for f in builders if f not in trained]
     for name in tqdm(trained + random, desc="building micro zoo", unit="model", disable=None):
         if name in trained:
             shutil.copytree(root / name, tmp / name)
-        else:
+        elif not (name.startswith("controlnet-") and _family(name) in random):  # else sd() made it
             builders[name]()
     if "vae" in shipped_dirs:  # one trained VAE for both families, as SD-1.5 and SD-2.x share one
         for family in ("sd15", "sd21"):
-            shutil.rmtree(tmp / family / "vae")
+            shutil.rmtree(tmp / family / "vae", ignore_errors=True)  # a shipped family has none
             shutil.copytree(root / "vae", tmp / family / "vae")
     atomic_write_json(tmp / "zoo.json", {
         "format": ZOO_FORMAT, "kind": "micro", "seed": seed, "versions": _library_versions(),

@@ -12,13 +12,20 @@ from typing import Iterable, Optional
 from sasi_online.errors import UserInputError
 from sasi_online.utils import atomic_write_json
 
-from . import autoencoders, captioner, clip, rewriter, segmenter
+from functools import partial
+
+from . import autoencoders, captioner, clip, controlnet, diffusion, rewriter, segmenter
 from .common import log
 from .data import load_split
 
-# cheapest and most useful first
+# cheapest and most useful first; the diffusion models learn in the trained vae's latent
+# space and each ControlNet starts from its family's trained UNet, so they come after those
 TRAINERS = {"upernet": segmenter.train, "blip2": captioner.train, "clip": clip.train,
-            "llama": rewriter.train, "vae": autoencoders.train}  # vae: vae/ and taesd/
+            "llama": rewriter.train, "vae": autoencoders.train,  # vae: vae/ and taesd/
+            "sd15": partial(diffusion.train, family="sd15", steps=diffusion.STEPS_SD15),
+            "controlnet-sd15-seg": partial(controlnet.train, family="sd15"),
+            "sd21": partial(diffusion.train, family="sd21"),
+            "controlnet-sd21-seg": partial(controlnet.train, family="sd21")}
 MICRO_FORMAT = 1
 
 
@@ -35,7 +42,8 @@ def write_manifest(out: Path, report: dict, seed: int) -> None:
     atomic_write_json(out / "zoo.json", {
         "format": MICRO_FORMAT, "kind": "micro", "seed": seed, "versions": _library_versions(),
         "data": "Fashion-MNIST train split (60,000 images)", "models": report,
-        "files": {k: v for k, v in _file_hashes(out).items() if k not in ("train.log", "train.json")},
+        "files": {k: v for k, v in _file_hashes(out).items() 
+                  if k not in ("train.log", "train.json") and not k.startswith(f"{diffusion.LATENT_CACHE}/")},
     })
 
 
