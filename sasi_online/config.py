@@ -38,7 +38,8 @@ class DataConfig:
 
 @dataclass
 class ModelsConfig:
-    # Folder holding the model set in Hugging Face layout (`sasi zoo build DIR` writes a tiny one).
+    # Folder holding the model set in Hugging Face layout (`sasi zoo build DIR` writes the micro
+    # set, `--random` a random tiny one).
     root: str = "tiny-zoo"
     captioner: str = "blip2"
     rewriter: str = "llama"

@@ -8,6 +8,7 @@ import pytest
 
 from sasi_online.cli import main
 from sasi_online.zoo import verify_zoo
+from sasi_online.zoo.micro import judge as judge_mod
 from sasi_online.zoo.micro import quality
 from sasi_online.zoo.micro.data import FOREGROUND_THRESHOLD, embedded_split, load_split
 from sasi_online.zoo.micro.ship import ASSETS, build_micro, shipped_manifest
@@ -42,7 +43,7 @@ def test_shipped_weights_are_small_hashed_and_trained():
 
 
 def test_cli_build_micro_is_byte_identical_and_complete(micro_zoo, tmp_path):
-    assert main(["zoo", "build", str(tmp_path / "again"), "--micro"]) == 0
+    assert main(["zoo", "build", str(tmp_path / "again")]) == 0  # the micro set is the default
     a = json.loads((micro_zoo / "zoo.json").read_text())
     b = json.loads((tmp_path / "again" / "zoo.json").read_text())
     assert a["files"] == b["files"] and a["kind"] == "micro"
@@ -50,11 +51,26 @@ def test_cli_build_micro_is_byte_identical_and_complete(micro_zoo, tmp_path):
     shipped = shipped_manifest()["files"]
     copied = [rel for rel in a["files"] if rel.split("/")[0] in TRAINED]
     assert copied and all(a["files"][rel] == shipped[rel] for rel in copied)  # the shipped bytes
-    assert set(a["random"]) >= {"sd15", "sd21"} and not set(a["random"]) & set(TRAINED)
-    # a second build into the same folder is a no-op
+    diffusion = ("sd15", "sd21", "controlnet-sd15-seg", "controlnet-sd21-seg")  # shipped trained too
+    assert not set(a["random"]) & set(TRAINED + diffusion)
+    assert all(a["files"][f"{d}/{w}"] == shipped[f"{d}/{w}"] for d in diffusion
+               for w in ("unet/diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors")
+               if f"{d}/{w}" in shipped)
+    # a second build into the same folder is a no-op (--micro: the explicit name of the default)
     before = (tmp_path / "again" / "zoo.json").stat().st_mtime_ns
     assert main(["zoo", "build", str(tmp_path / "again"), "--micro"]) == 0
     assert (tmp_path / "again" / "zoo.json").stat().st_mtime_ns == before
+
+
+def test_cli_build_random_still_writes_the_random_set(tiny_zoo, capsys):
+    """`--random` is the random tiny set of `build_zoo` (here the session's, so a no-op)."""
+    before = (tiny_zoo / "zoo.json").read_bytes()
+    assert main(["zoo", "build", str(tiny_zoo), "--random", "--seed", "0"]) == 0
+    assert "random tiny model zoo" in capsys.readouterr().out
+    assert (tiny_zoo / "zoo.json").read_bytes() == before
+    assert json.loads(before).get("kind") != "micro"
+    with pytest.raises(SystemExit):  # one kind at a time
+        main(["zoo", "build", str(tiny_zoo), "--random", "--micro"])
 
 
 def test_reading_the_data_names_the_fix(tmp_path):
@@ -97,19 +113,63 @@ def test_mask_maps_outline_the_garment(micro_zoo, test_split):
     assert bag_share >= 0.8
 
 
-def test_clip_finds_an_image_in_a_changed_copy(micro_zoo, test_split):
-    """Own changed copy (64 px, shifted, brighter or darker: what a faithful SASI keeps)
-    versus other images' copies. The SASI-based figure needs the trained diffusion models."""
+# ---------------------------------------------------------------- SASI, read by the judge
+# SASI of the first 200 embedded test images at 10 steps, made by `generate_store` (what
+# `sasi generate` runs) with the default settings otherwise; the judge is trained here.
+SASI_IMAGES, SASI_STEPS = 200, 10
+
+
+@pytest.fixture(scope="module")
+def judge():
+    return judge_mod.train_judge(*embedded_split("train"))
+
+
+@pytest.fixture(scope="module")
+def image_sasi(micro_zoo, judge):
+    return judge_mod.sasi_accuracy(judge, micro_zoo, "image", SASI_IMAGES, steps=SASI_STEPS, strength=0.5)
+
+
+def test_judge_reads_real_garments_at_sasi_size(judge, test_split):
+    """The judge knows the classes of unseen real images, also as a 64 px RGB SASI comes."""
     from PIL import Image
 
+    images, labels = test_split
+    real = judge.accuracy(images, labels)
+    big = [Image.fromarray(im).resize((64, 64), Image.Resampling.BICUBIC).convert("RGB") for im in images]
+    print(f"judge on the real test images: {real:.3f} (at 64 px RGB {judge.accuracy(big, labels):.3f})")
+    assert real >= 0.75 and judge.accuracy(big, labels) >= real - 0.05
+    assert judge.accuracy(np.zeros((20, 64, 64, 3), np.uint8), np.arange(20) % 10) <= 0.2  # no class for free
+
+
+def test_image_vp_sasi_keep_the_garment(image_sasi, judge, tiny_zoo):
+    rnd = judge_mod.sasi_accuracy(judge, tiny_zoo, "image", SASI_IMAGES, steps=SASI_STEPS, strength=0.5)
+    micro = image_sasi["accuracy"]
+    print(f"image VP (strength 0.5): judge reads the real class in {micro:.3f} of micro SASI, "
+          f"{rnd['accuracy']:.3f} of random-set SASI")
+    assert len(image_sasi["images"]) == SASI_IMAGES and image_sasi["images"][0].shape == (64, 64, 3)
+    assert micro >= 0.70
+    assert micro >= rnd["accuracy"] + 0.20
+
+
+def test_mix_vp_sasi_keep_the_garment(micro_zoo, judge):
+    mix = judge_mod.sasi_accuracy(judge, micro_zoo, "mix", SASI_IMAGES, steps=SASI_STEPS, strength=0.5)
+    print(f"mix VP (strength 0.5): judge reads the real class in {mix['accuracy']:.3f} of micro SASI")
+    assert mix["accuracy"] >= 0.60
+
+
+def test_text_to_image_draws_the_named_garment(micro_zoo, judge):
+    t2i = judge_mod.sasi_accuracy(judge, micro_zoo, "noise", SASI_IMAGES, steps=SASI_STEPS, text="class_name")
+    assert t2i["prompts"][0].startswith("a photo of a ")
+    print(f"text-to-image from class names: judge reads the named class in {t2i['accuracy']:.3f}")
+    assert t2i["accuracy"] >= 0.60
+
+
+def test_clip_finds_an_image_in_its_sasi(micro_zoo, image_sasi, test_split):
+    """CLIP image-image cosine: each real image against its own SASI (image VP) versus the
+    SASI of every other image."""
     images, _ = test_split
-    rng = np.random.default_rng(0)
-    copies = []
-    for im in images:
-        x = np.roll(im, tuple(rng.integers(-2, 3, 2)), axis=(0, 1)).astype(np.float32) * rng.uniform(0.8, 1.2)
-        copies.append(Image.fromarray(np.clip(x, 0, 255).astype(np.uint8)).resize((64, 64)).convert("RGB"))
-    score = quality.clip_auroc(micro_zoo, images, copies)
-    print(f"CLIP own-copy vs other-image AUROC {score:.3f}")
+    score = quality.clip_auroc(micro_zoo, images[image_sasi["indices"]], image_sasi["images"])
+    print(f"CLIP own-SASI vs other-SASI AUROC {score:.3f}")
     assert score >= 0.8
 
 

@@ -1,5 +1,5 @@
-"""`sasi zoo build DIR`: write the tiny model set (`--micro`: the trained micro set);
-`sasi zoo verify DIR`: check it; `sasi zoo train-micro`: train the micro set."""
+"""`sasi zoo build DIR`: write the micro model set shipped with the package (default; `--random`:
+the random tiny set); `sasi zoo verify DIR`: check it; `sasi zoo train-micro`: train the micro set."""
 from __future__ import annotations
 
 import argparse
@@ -7,17 +7,24 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    build = sub.add_parser("build", help="build the tiny model set (Hugging Face layout) into DIR")
+    build = sub.add_parser(
+        "build", help="write a model set into DIR: the trained micro set (default) or --random",
+        description="Write a complete model set in Hugging Face layout into DIR (models.root), in seconds and "
+                    "byte-identically. By default the micro set shipped with the package: models trained once "
+                    "on Fashion-MNIST's 60,000 training images (`--micro` says so explicitly). "
+                    "--random writes the random tiny set instead (random diffusion models, briefly trained "
+                    "captioner and rewriter; --seed picks it): every code path, no meaning.")
     build.add_argument("dir", help="output folder, e.g. tiny-zoo (models.root)")
     kind = build.add_mutually_exclusive_group()
-    kind.add_argument("--random", dest="kind", action="store_const", const="random",
-                      help="the random tiny set, briefly trained captioner and rewriter (default)")
     kind.add_argument("--micro", dest="kind", action="store_const", const="micro",
-                      help="the micro set shipped with the package (trained on Fashion-MNIST); the "
-                           "models it does not ship yet come from the random set")
-    build.set_defaults(kind="random")
+                      help="the micro set shipped with the package, trained on Fashion-MNIST (the default)")
+    kind.add_argument("--random", dest="kind", action="store_const", const="random",
+                      help="the random tiny set instead: random weights, briefly trained captioner and "
+                           "rewriter; --seed chooses it")
+    build.set_defaults(kind="micro")
     build.add_argument("--seed", type=int, default=0,
-                       help="seed of the random models (same seed, same bytes)")
+                       help="seed of the random models (same seed, same bytes): the whole --random set; "
+                            "in the micro set only the models it does not ship, if any")
     build.add_argument("--force", action="store_true",
                        help="rebuild even if DIR already holds this zoo, or replace a non-zoo folder")
     verify = sub.add_parser("verify", help="compare every file in DIR with the sha256 in its zoo.json")
@@ -61,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"micro model zoo ready at {path}")
             return 0
         path = build_zoo(args.dir, seed=args.seed, force=args.force)
-        print(f"tiny model zoo ready at {path}")
+        print(f"random tiny model zoo ready at {path}")
         return 0
     bad = verify_zoo(args.dir)
     if bad:

@@ -33,9 +33,10 @@ def shade_of(text: str) -> Optional[int]:
 # project's own classes (Captioner, Rewriter, Segmenter, ClipSimilarity), as the pipeline uses them
 
 def _pil(images):
+    import numpy as np
     from PIL import Image
 
-    return [Image.fromarray(im) for im in images]
+    return [im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im)) for im in images]
 
 
 def caption_scores(zoo, images, labels, sep=None) -> dict:
@@ -105,7 +106,7 @@ def clip_auroc(zoo, images, others, seed: int = 0) -> float:
     from sasi_online.eval.similarity import ClipSimilarity
 
     sim = ClipSimilarity(Path(zoo) / "clip", batch_size=100)
-    a, b = sim.embed(_pil(images)).numpy(), sim.embed(list(others)).numpy()
+    a, b = sim.embed(_pil(images)).numpy(), sim.embed(_pil(others)).numpy()
     cos = a @ b.T
     mask = ~np.eye(len(a), dtype=bool)
     return auroc(np.diag(cos), cos[mask])
