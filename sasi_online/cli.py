@@ -12,13 +12,13 @@ import sys
 
 # name -> (module, one-line help). Order is the order a user meets them.
 COMMANDS = {
-    "zoo": ("sasi_online.commands.zoo", "build the tiny model set (Hugging Face layout) used by tests and the demo"),
+    "zoo": ("sasi_online.commands.zoo", "build a model set (the trained micro set; --random: the random one), verify it, train-micro"),
     "semantics": ("sasi_online.commands.semantics", "captions, rewrites and visual prompts for a dataset, with a grid PNG"),
     "generate": ("sasi_online.commands.generate", "generate SASI into a resumable store"),
     "filter": ("sasi_online.commands.filter", "flag fishy SASI by CLIP similarity; plot the histogram"),
     "train": ("sasi_online.commands.train", "train an encoder on (real, SASI) pairs in one process"),
     "eval": ("sasi_online.commands.eval", "kNN, linear probe, semi-supervised, transfer, t-SNE and a report"),
-    "demo": ("sasi_online.commands.demo", "the README's main job on the embedded data and the tiny models"),
+    "demo": ("sasi_online.commands.demo", "the README's main job on the embedded data and the micro models"),
     "export": ("sasi_online.commands.export", "the trained backbone for torchvision, timm or detectron2"),
     "reproduce": ("sasi_online.commands.reproduce", "the paper's tables: run scripts, then their results beside the paper's"),
 }
