@@ -7,7 +7,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -57,8 +57,9 @@ def random_start(build: Callable[[Path], None], folder: str) -> Path:
     return tmp / folder
 
 
-def save_model(model: Any, extra: Any, src: Path, out: Path) -> None:
-    """Save `model` (and its processor/tokenizer `extra`) to `out` atomically; drop `src`."""
+def save_model(model: Any, extra: Any, src: Optional[Path], out: Path) -> None:
+    """Save `model` (and its processor/tokenizer `extra`) to `out` atomically; drop the
+    temporary folder of `src` (the random start), if any."""
     tmp = out.with_name(f".{out.name}.saving")
     shutil.rmtree(tmp, ignore_errors=True)
     model.eval().save_pretrained(tmp, safe_serialization=True)
@@ -67,4 +68,5 @@ def save_model(model: Any, extra: Any, src: Path, out: Path) -> None:
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
-    shutil.rmtree(src.parent, ignore_errors=True)
+    if src is not None:
+        shutil.rmtree(src.parent, ignore_errors=True)

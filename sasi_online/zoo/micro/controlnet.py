@@ -4,26 +4,19 @@ as the micro segmenter draws them (`apparel`, a bag `bag`, on `wall`; foreground
 FOREGROUND_THRESHOLD), so that a mask map decides where the garment is."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from sasi_online.errors import UserInputError
 
-from .common import batches, run_steps, warmup_cosine
+from .common import batches, run_steps, save_model, warmup_cosine
 from .data import shades
 from .diffusion import BATCH, diffusion_loss, draw_prompts, prompt_bank, scaled_latents, token_ids
+from .segmenter import target_maps
 
 STEPS, LR = 400, 1e-3
 CONDITIONING_CHANNELS = (8, 16, 32, 32)  # as the random set's: 64 px mask map -> 8 x 8
-
-
-def control_maps(images: np.ndarray, labels: np.ndarray, size: int):
-    """(N, size, size) uint8 ADE20K ids: the segmenter's own training targets."""
-    from .segmenter import target_maps
-
-    return target_maps(images, labels, size)
 
 
 def colour(ids):
@@ -51,15 +44,6 @@ def _frozen_family(out: Path, family: str):
     return unet, te, tok, sched
 
 
-def save_controlnet(cn, out: Path) -> None:
-    tmp = out.with_name(f".{out.name}.saving")
-    shutil.rmtree(tmp, ignore_errors=True)
-    cn.eval().save_pretrained(tmp, safe_serialization=True)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-
-
 def train(images: np.ndarray, labels: np.ndarray, out: Path, seed: int, family: str,
           steps: int = STEPS) -> dict:
     import torch
@@ -69,7 +53,7 @@ def train(images: np.ndarray, labels: np.ndarray, out: Path, seed: int, family: 
     from ..seeding import _deterministic
 
     latents = scaled_latents(images, out)
-    maps = control_maps(images, labels, TINY_RESOLUTION)
+    maps = target_maps(images, labels, TINY_RESOLUTION)  # the segmenter's own training targets
     tones = shades(images)
     name = f"controlnet-{family}-seg"
     with _deterministic(seed, f"micro/{name}") as gen:
@@ -103,5 +87,5 @@ def train(images: np.ndarray, labels: np.ndarray, out: Path, seed: int, family: 
             return loss.detach()
 
         loss = run_steps(name, steps, step)
-        save_controlnet(cn, out / name)
+        save_model(cn, None, None, out / name)
     return {"steps": steps, "batch": BATCH, "final_loss": round(loss, 4)}
