@@ -10,6 +10,7 @@ import json
 import os
 import random
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -28,13 +29,40 @@ def _disk_full(path: Path, exc: OSError) -> DiskFullError:
     )
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """This process's umask, read without changing it (Linux: /proc/self/status)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    with _UMASK_LOCK:  # elsewhere: set and restore (the lock keeps our own threads out)
+        old = os.umask(0o022)
+        os.umask(old)
+    return old
+
+
+def plain_file_mode() -> int:
+    """The mode `open(path, "w")` gives a new file: 0o666 less the umask."""
+    return 0o666 & ~current_umask()
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, fsync, then rename over `path`."""
+    """Write to a temporary name in the same folder, fsync, then rename over `path`.
+
+    The file gets the mode a plain `open()` would (0o666 less the umask), not
+    mkstemp's 0o600: teammates sharing a store or a run can read it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), plain_file_mode())
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
@@ -107,6 +135,25 @@ def limit_threads(n: int | None = None) -> None:
     n = n or int(os.environ.get("OMP_NUM_THREADS", "1"))
     os.environ.setdefault("OMP_NUM_THREADS", str(n))
     torch.set_num_threads(n)
+
+
+def child_env(**extra: str) -> dict:
+    """The environment for a child process of the project (a launcher, a bench's run): one
+    thread per process unless set, and never the checkout's top folder on PYTHONPATH, where
+    its `kernels/` would shadow the Hugging Face package that transformers imports. The child
+    finds `sasi_online` where it is installed (`pip install -e .` for a checkout)."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("MKL_NUM_THREADS", env["OMP_NUM_THREADS"])
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    top = Path(__file__).resolve().parents[1]
+    kept = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != top]
+    if kept:
+        env["PYTHONPATH"] = os.pathsep.join(kept)
+    else:
+        env.pop("PYTHONPATH", None)
+    env.update(extra)
+    return env
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -74,7 +74,9 @@ def run(args) -> int:
     suffix = ".sh" if args.launcher == "deepspeed" else ".sbatch"
     out = Path(args.out or f"reproduce_table{table.number}{suffix}")
     atomic_write_text(out, text)
-    out.chmod(0o755)
+    from sasi_online.utils import current_umask
+
+    out.chmod(0o777 & ~current_umask())  # executable, readable as far as the umask allows
     how = f"bash {out}" if args.launcher == "slurm" else f"./{out}" if out.parent == Path(".") else str(out)
     print(f"wrote {out}: {len(p.stores)} SASI store(s), {len(p.runs)} runs on {args.gpus} GPU(s) each. "
           f"Start it with: {how}; afterwards: sasi reproduce {table.number} --collect --runs {args.runs}")

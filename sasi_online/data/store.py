@@ -213,7 +213,7 @@ class SasiStore:
         # Every live writer holds a shared lock on the mark file. Getting it exclusively
         # means no other writer is alive, so temporary files are leftovers of a dead one.
         mark_existed = (self.root / WRITING_MARK).exists()
-        self._mark_fd = os.open(self.root / WRITING_MARK, os.O_RDWR | os.O_CREAT, 0o644)
+        self._mark_fd = os.open(self.root / WRITING_MARK, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(self._mark_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             if mark_existed:  # the last writer did not close cleanly
@@ -523,7 +523,7 @@ class SasiStore:
         previous end, so the manifest never keeps half a line from this writer."""
         manifest = self.root / MANIFEST
         blob = "".join(json.dumps(x, sort_keys=True, default=_jsonable) + "\n" for x in lines).encode()
-        fd = os.open(manifest, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(manifest, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # several producers may share one store
             start = os.lseek(fd, 0, os.SEEK_END)
