@@ -23,10 +23,11 @@ def _plans() -> list[tuple[object, list[str], dict[str, object]]]:
     """(kernel, argument types, constexpr values) for representative specialisations."""
     from . import guided_step as gs
     from . import infonce as nf
+    from . import probe as pr
     from . import ring_augment as ra
 
     i32, f32 = "i32", "fp32"
-    plans = []
+    plans = [(pr.probe_kernel, ["*fp32", "*fp32", i32], {"BLOCK": 16})]
     for dtype in ("*fp32", "*fp16"):
         plans.append((gs.guided_step_kernel, [dtype] * 5 + [i32] + [f32] * 10,
                       {"HAS_NOISE": True, "CLIP": True, "USE_EPS": True, "BLOCK": 1024}))

@@ -1,13 +1,16 @@
 """Pick the Triton kernel or its torch reference for each call, and say why.
 
-Rule: Triton when it is importable and every input is on a CUDA device; the torch path
-on a CPU, when Triton is missing, or when forced. Force a backend per call with
+Rule: Triton when it is importable, every input is on a CUDA device and the start-up
+probe (``probe.py``: one trivial kernel compiled and run once per process) passed; the
+torch path on a CPU, when Triton is missing, when the probe failed (no C compiler, no
+``Python.h``, an unsupported GPU), or when forced. Force a backend per call with
 ``backend="torch"|"triton"`` or for the process with ``SASI_KERNEL_BACKEND=torch|triton``
 ("auto", the default, applies the rule). Forcing Triton on CPU tensors works only with
 ``TRITON_INTERPRET=1`` (Triton's slow interpreter, meant for tests); otherwise the call
 fails with a message naming the fix, rather than silently running something else.
 Each distinct choice is logged once at INFO level on the ``sasi_online.kernels`` logger;
-``last_choice(kernel)`` returns the latest one.
+``last_choice(kernel)`` returns the latest one and ``dispatch_counts()`` how many calls
+took each path (a Triton→torch fallback is counted, never silent).
 """
 from __future__ import annotations
 
@@ -19,17 +22,19 @@ import torch
 
 from sasi_online.errors import UserInputError
 
-from ._triton import interpret_mode, require_triton, triton_import_problem
+from . import probe as _probe
+from ._triton import TritonUnavailableError, interpret_mode, require_triton, triton_import_problem
 from .guided_step import guided_step_torch, guided_step_triton, step_scalars
 from .infonce import MAX_DIM, infonce_torch, infonce_triton
 from .ring_augment import (IMAGENET_MEAN, IMAGENET_STD, AugParams, ring_augment_torch,
-                           ring_augment_triton)
+                           ring_augment_triton, ring_augment_vectorized)
 
 ENV_VAR = "SASI_KERNEL_BACKEND"
 BACKENDS = ("auto", "torch", "triton")
 log = logging.getLogger("sasi_online.kernels")
 _logged: set[tuple[str, str, str]] = set()
 _last: dict[str, "BackendChoice"] = {}
+_counts: dict[str, dict[str, int]] = {}
 
 
 @dataclass(frozen=True)
@@ -55,23 +60,34 @@ def choose_backend(*tensors: torch.Tensor, backend: str | None = None,
     wanted, source = _requested(backend)
     if wanted == "torch":
         return BackendChoice("torch", f"{kernel}: torch reference, forced by {source}")
+    devices = sorted({t.device.type for t in tensors})
     if wanted == "triton":
         require_triton(list(tensors), kernel)  # raises with the reason and the fix
-        how = "the CPU interpreter (TRITON_INTERPRET=1)" if tensors[0].device.type == "cpu" \
-            else str(tensors[0].device)
+        problem = _probe.probe(devices[0])
+        if problem:
+            raise TritonUnavailableError(f"{kernel}: cannot run the Triton kernel ({source}): {problem}. "
+                                         f"Use backend='torch' (or {ENV_VAR}=torch) for the torch path.")
+        how = "the CPU interpreter (TRITON_INTERPRET=1)" if devices == ["cpu"] else str(tensors[0].device)
         return BackendChoice("triton", f"{kernel}: Triton on {how}, forced by {source}")
-    problem = triton_import_problem()
-    if problem:
-        return BackendChoice("torch", f"{kernel}: torch reference; {problem}")
-    devices = sorted({t.device.type for t in tensors})
+    return auto_choice(kernel, devices, triton_import_problem(), _probe.probe)
+
+
+def auto_choice(kernel: str, devices: list[str], import_problem: str | None, probe) -> BackendChoice:
+    """The automatic rule for inputs on `devices` (device type names); `probe(device_type)`
+    returns None when Triton runs there, else why not."""
+    if import_problem:
+        return BackendChoice("torch", f"{kernel}: torch reference; {import_problem}")
     if devices != ["cuda"]:
         note = (" (TRITON_INTERPRET=1 is set, but the interpreter is only used when forced "
                 "with backend='triton')") if interpret_mode() else ""
         return BackendChoice("torch", f"{kernel}: torch reference because the input is on "
                                       f"{'/'.join(devices)}, and the Triton kernels run on CUDA "
                                       f"devices{note}")
-    return BackendChoice("triton", f"{kernel}: Triton, because Triton is importable and the "
-                                   f"input is on CUDA")
+    problem = probe("cuda")
+    if problem:
+        return BackendChoice("torch", f"{kernel}: torch path, Triton disabled: {problem}")
+    return BackendChoice("triton", f"{kernel}: Triton, because Triton is importable, the input is on "
+                                   f"CUDA and the start-up probe kernel ran")
 
 
 def last_choice(kernel: str) -> BackendChoice | None:
@@ -79,8 +95,15 @@ def last_choice(kernel: str) -> BackendChoice | None:
     return _last.get(kernel)
 
 
+def dispatch_counts() -> dict[str, dict[str, int]]:
+    """Calls per kernel and path so far in this process, e.g. {"ring_augment": {"torch": 3}}."""
+    return {k: dict(v) for k, v in _counts.items()}
+
+
 def _announce(choice: BackendChoice, kernel: str) -> None:
     _last[kernel] = choice
+    per = _counts.setdefault(kernel, {})
+    per[choice.backend] = per.get(choice.backend, 0) + 1
     key = (kernel, choice.backend, choice.reason)
     if key not in _logged:
         _logged.add(key)
@@ -148,8 +171,14 @@ def augment_views(images: torch.Tensor, params: AugParams, out_size: int, mean=I
                   backend: str | None = None) -> torch.Tensor:
     """uint8 ring slots + ``sample_aug_params(...)`` → normalised float [N, 3, S, S]."""
     choice = choose_backend(images, backend=backend, kernel="ring_augment")
+    if choice.backend == "torch":  # on a CPU the per-view loop is the faster of the two torch paths
+        loop = images.device.type == "cpu"
+        choice = BackendChoice("torch", choice.reason + (" (per-view loop, faster on the host)" if loop
+                                                         else " (vectorised batch ops)"))
+        fn = ring_augment_torch if loop else ring_augment_vectorized
+    else:
+        fn = ring_augment_triton
     _announce(choice, "ring_augment")
-    fn = ring_augment_triton if choice.backend == "triton" else ring_augment_torch
     return fn(images, params, out_size, mean=mean, std=std, channels_last=channels_last)
 
 

@@ -11,7 +11,11 @@ The Triton kernel fuses everything up to grayscale; blur and solarisation, when 
 asks for them, run after it on the same device as one batched depthwise convolution and
 one elementwise pass (`blur_solarize_normalize`), still without a per-view loop.
 
-Parameters are drawn once by ``sample_aug_params`` and fed to both paths, so the torch
+``ring_augment_vectorized`` computes the kernel's views with batched torch ops (gathers
+for the crops, per-view factors as tensors): the path the dispatcher takes on a GPU when
+Triton cannot run, and the baseline the GPU check measures the kernel against.
+
+Parameters are drawn once by ``sample_aug_params`` and fed to every path, so the torch
 reference (torchvision.transforms.v2.functional on float images) and the Triton kernel
 compute the same views. The reference and the kernel both work in float from the uint8
 source: no rounding back to uint8 between operations, unlike torchvision on uint8 input.
@@ -132,10 +136,33 @@ class AugParams:
         return int(self.crop.shape[0])
 
     def packed(self, device) -> torch.Tensor:
-        """float32 [N, 10] for the kernel (small integers are exact in float32)."""
+        """float32 [N, 10] for the kernel (small integers are exact in float32), built where
+        the parameters are and sent to `device` without blocking (pinned host memory)."""
         cols = [self.crop[:, i] for i in range(4)] + [self.flip, self.brightness, self.contrast,
                                                       self.saturation, self.hue, self.gray]
-        return torch.stack([c.to(torch.float32) for c in cols], 1).to(device).contiguous()
+        return to_device(torch.stack([c.to(torch.float32) for c in cols], 1).contiguous(), device)
+
+    def post_packed(self, device) -> torch.Tensor | None:
+        """float32 [N, 2] (blur sigma, solarise flag) on `device`, one non-blocking copy;
+        None when neither was drawn."""
+        if not self.needs_post():
+            return None
+        n = len(self)
+        sigma = self.blur_sigma if self.blur_sigma is not None else torch.zeros(n, device=self.crop.device)
+        sol = self.solarize if self.solarize is not None else torch.zeros(n, device=self.crop.device)
+        return to_device(torch.stack([sigma.to(torch.float32), sol.to(torch.float32)], 1), device)
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """`t` on `device`: a host tensor bound for CUDA goes through pinned memory with a
+    non-blocking copy (no host sync; the caching host allocator keeps the pinned block
+    until the copy is done)."""
+    device = torch.device(device)
+    if t.device == device or (device.type == t.device.type and device.index is None):
+        return t
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def sample_aug_params(n: int, image_hw: tuple[int, int], recipe: AugRecipe = AugRecipe(),
@@ -257,24 +284,41 @@ def _gauss_1d(sigma: torch.Tensor, k: int) -> torch.Tensor:
     return torch.where(sigma[:, None] > 0, taps, delta)
 
 
+_NORM_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def norm_constants(mean, std, device, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, 1 / std) as [1, 3, 1, 1] tensors on `device`, built once per (values, device,
+    dtype) and reused: no host-to-device copy per call."""
+    device = torch.device(device)
+    key = (tuple(float(m) for m in mean), tuple(float(v) for v in std), device, dtype)
+    if key not in _NORM_CACHE:
+        m = torch.tensor(key[0], dtype=torch.float64)
+        inv = 1.0 / torch.tensor(key[1], dtype=torch.float64)
+        _NORM_CACHE[key] = (to_device(m.to(dtype).reshape(1, 3, 1, 1), device),
+                            to_device(inv.to(dtype).reshape(1, 3, 1, 1), device))
+    return _NORM_CACHE[key]
+
+
 def blur_solarize_normalize(x: torch.Tensor, params: AugParams, mean=IMAGENET_MEAN,
                             std=IMAGENET_STD) -> torch.Tensor:
     """[N, 3, S, S] views in [0, 1] → per-view blur (one depthwise convolution per axis for
-    the whole batch), solarisation, normalisation. No host sync: the parameters stay tensors."""
+    the whole batch), solarisation, normalisation. No host sync: the parameters reach the
+    device in one non-blocking copy and stay tensors there."""
     n, c, h, w = x.shape
-    if params.blur_sigma is not None and n and h >= 3:
+    post = params.post_packed(x.device) if n else None
+    if post is not None and params.blur_sigma is not None and h >= 3:
         k = blur_kernel_size(params, min(h, w))
-        taps = _gauss_1d(params.blur_sigma.to(x.device), k).repeat_interleave(c, 0)  # [N*3, k]
+        taps = _gauss_1d(post[:, 0], k).to(x.dtype).repeat_interleave(c, 0)  # [N*3, k]
         pad = k // 2
         y = torch.nn.functional.pad(x.reshape(1, n * c, h, w), [pad, pad, pad, pad], mode="reflect")
         y = torch.nn.functional.conv2d(y, taps[:, None, None, :], groups=n * c)
         x = torch.nn.functional.conv2d(y, taps[:, None, :, None], groups=n * c).reshape(n, c, h, w)
-    if params.solarize is not None:
-        flip = params.solarize.to(x.device)[:, None, None, None] & (x >= SOLARIZE_THRESHOLD)
+    if post is not None and params.solarize is not None:
+        flip = (post[:, 1] > 0.5)[:, None, None, None] & (x >= SOLARIZE_THRESHOLD)
         x = torch.where(flip, 1.0 - x, x)
-    m = torch.tensor(mean, device=x.device, dtype=x.dtype)[None, :, None, None]
-    s = torch.tensor(std, device=x.device, dtype=x.dtype)[None, :, None, None]
-    return (x - m) / s
+    m, inv = norm_constants(mean, std, x.device, x.dtype)
+    return (x - m) * inv
 
 
 def ring_augment_torch(images: torch.Tensor, params: AugParams, out_size: int,
@@ -311,6 +355,100 @@ def ring_augment_torch(images: torch.Tensor, params: AugParams, out_size: int,
     if not outs:
         return torch.empty(0, 3, out_size, out_size, device=images.device)
     return torch.stack(outs)
+
+
+def _axis_taps(start: torch.Tensor, length: torch.Tensor, out_size: int, flip: torch.Tensor | None):
+    """Bilinear source rows (or columns) and weights for each view along one axis, as the
+    kernel computes them (align_corners=False, no antialias): int64 i0, i1 and float w1,
+    each [N, S]; `flip` mirrors the output index (horizontal flip)."""
+    o = torch.arange(out_size, device=start.device, dtype=torch.float32)[None].expand(len(start), -1)
+    if flip is not None:
+        o = torch.where(flip[:, None], out_size - 1 - o, o)
+    span = length.to(torch.float32)[:, None]
+    src = ((span / out_size) * (o + 0.5) - 0.5).clamp_min(0.0)
+    last = length.to(torch.int64)[:, None] - 1
+    i0 = torch.minimum(src.to(torch.int64), last)
+    w1 = (src - i0.to(torch.float32)).clamp(0.0, 1.0)
+    i1 = torch.where(i0 < last, i0 + 1, i0)
+    base = start.to(torch.int64)[:, None]
+    return base + i0, base + i1, w1
+
+
+def _resized_crop_batched(x: torch.Tensor, prm: torch.Tensor, out_size: int) -> torch.Tensor:
+    """uint8 [N, 3, H, W] + packed params → float [N, 3, S, S] in [0, 1], cropped, resized
+    and flipped per view with four gathers (no per-view loop)."""
+    n, c, h, w = x.shape
+    y0, y1, wy = _axis_taps(prm[:, 0], prm[:, 2], out_size, None)
+    x0, x1, wx = _axis_taps(prm[:, 1], prm[:, 3], out_size, prm[:, 4] > 0.5)
+    flat = x.reshape(n, c, h * w)
+
+    def take(rows, cols):
+        idx = (rows[:, :, None] * w + cols[:, None, :]).reshape(n, 1, -1).expand(n, c, -1)
+        return flat.gather(2, idx).to(torch.float32).reshape(n, c, out_size, out_size)
+
+    wy, wx = wy[:, None, :, None], wx[:, None, None, :]
+    top = take(y0, x0) * (1 - wx) + take(y0, x1) * wx
+    bottom = take(y1, x0) * (1 - wx) + take(y1, x1) * wx
+    return (top * (1 - wy) + bottom * wy) / 255.0
+
+
+def _grey(v: torch.Tensor) -> torch.Tensor:
+    r, g, b = v.unbind(1)
+    return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b)[:, None]
+
+
+def _hue_shift(v: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
+    """RGB → HSV, shift H by `hue` [N], back: torchvision's _rgb_to_hsv / _hsv_to_rgb."""
+    r, g, b = v.unbind(1)
+    maxc, minc = v.amax(1), v.amin(1)
+    eqc = maxc == minc
+    crange = maxc - minc
+    s = crange / torch.where(eqc, torch.ones_like(maxc), maxc)
+    div = torch.where(eqc, torch.ones_like(crange), crange)
+    rc, gc, bc = (maxc - r) / div, (maxc - g) / div, (maxc - b) / div
+    neq_r, eq_g = maxc != r, maxc == g
+    hh = torch.where(neq_r, 0.0, bc - gc)
+    hh = hh + torch.where(eq_g & neq_r, 2.0 + rc - bc, 0.0)
+    hh = hh + torch.where(neq_r & (maxc != g), 4.0 + gc - rc, 0.0)
+    hh = torch.remainder(hh / 6.0 + 1.0, 1.0)
+    hh = torch.remainder(hh + hue[:, None, None], 1.0)
+    h6 = hh * 6.0
+    fi = torch.floor(h6)
+    f = h6 - fi
+    i = fi.to(torch.int64) % 6
+    p = ((1.0 - s) * maxc).clamp(0.0, 1.0)
+    q = ((1.0 - s * f) * maxc).clamp(0.0, 1.0)
+    t = ((s * f + (1.0 - s)) * maxc).clamp(0.0, 1.0)
+    # sector i of the hue circle → (r, g, b) among v, p, q, t (torchvision's select table)
+    v = maxc
+    hr = torch.where(i == 0, v, torch.where(i == 1, q, torch.where(i <= 3, p, torch.where(i == 4, t, v))))
+    hg = torch.where(i == 0, t, torch.where(i <= 2, v, torch.where(i == 3, q, p)))
+    hb = torch.where(i <= 1, p, torch.where(i == 2, t, torch.where(i <= 4, v, q)))
+    return torch.stack([hr, hg, hb], 1)
+
+
+def ring_augment_vectorized(images: torch.Tensor, params: AugParams, out_size: int,
+                            mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                            channels_last: bool | None = None) -> torch.Tensor:
+    """The torch path the dispatcher runs when Triton cannot: the kernel's computation in
+    batched torch ops on the images' device (gathers for the crops, per-view factors as
+    [N, 1, 1, 1] tensors), no per-view loop and no host sync. Same views as
+    `ring_augment_torch` (the per-view torchvision reference) and the Triton kernel."""
+    last = _layout(images, channels_last)
+    x = images.permute(0, 3, 1, 2) if last else images
+    n, _, h, w = x.shape
+    _check_params(params, n, h, w, out_size)
+    if n == 0:
+        return torch.empty(0, 3, out_size, out_size, device=images.device)
+    prm = params.packed(images.device)
+    col = [prm[:, i, None, None, None] for i in range(10)]
+    v = (_resized_crop_batched(x, prm, out_size) * col[5]).clamp(0.0, 1.0)  # brightness
+    mean_grey = _grey(v).mean((2, 3), keepdim=True)
+    v = (col[6] * v + (1.0 - col[6]) * mean_grey).clamp(0.0, 1.0)  # contrast
+    v = (col[7] * v + (1.0 - col[7]) * _grey(v)).clamp(0.0, 1.0)  # saturation
+    v = torch.where(col[8] != 0.0, _hue_shift(v, prm[:, 8]), v)
+    v = torch.where(col[9] > 0.5, _grey(v).expand(-1, 3, -1, -1), v)
+    return blur_solarize_normalize(v, params, mean, std)
 
 
 @jit

@@ -313,6 +313,55 @@ def test_ring_augment_triton_matches_torch_with_blur_and_solarize(triton_here):
                                rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("channels_last,out_size", [(True, 13), (False, 13), (True, 1), (True, 31)])
+def test_ring_augment_vectorized_matches_the_per_view_loop(channels_last, out_size):
+    from sasi_online.kernels import ring_augment_vectorized
+
+    imgs = _images(n=6)
+    imgs[0] = 128  # a flat image: hue and saturation hit their degenerate branch
+    for p in (sample_aug_params(6, (20, 24), AugRecipe(jitter_p=1.0, hue=0.5, gray_p=0.5, scale=(0.05, 1.0)),
+                                torch.Generator().manual_seed(3)), _blur_solarize_params()):
+        x = imgs if channels_last else imgs.permute(0, 3, 1, 2).contiguous()
+        want = ring_augment_torch(x, p, out_size)
+        got = ring_augment_vectorized(x, p, out_size)
+        assert got.shape == want.shape == (6, 3, out_size, out_size) and got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
+    assert ring_augment_vectorized(imgs[:0], sample_aug_params(0, (20, 24)), 8).shape == (0, 3, 8, 8)
+    with pytest.raises(UserInputError, match="does not fit"):
+        ring_augment_vectorized(_images(n=2, h=10, w=10), sample_aug_params(2, (20, 24)), 8)
+
+
+def test_ring_augment_triton_matches_the_vectorized_path(triton_here):
+    if not triton_here:
+        return
+    from sasi_online.kernels import ring_augment_vectorized
+
+    imgs = _images(n=6)
+    for p in (sample_aug_params(6, (20, 24), AugRecipe(jitter_p=1.0, hue=0.5, gray_p=0.5),
+                                torch.Generator().manual_seed(5)), _blur_solarize_params(n=6)):
+        torch.testing.assert_close(ring_augment_triton(imgs, p, 9),
+                                   ring_augment_vectorized(imgs, p, 9),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_normalisation_constants_and_post_params_are_built_once_per_device():
+    from sasi_online.kernels.ring_augment import blur_solarize_normalize, norm_constants
+
+    a = norm_constants((0.5, 0.4, 0.3), (0.2, 0.25, 0.5), "cpu")
+    assert a is norm_constants([0.5, 0.4, 0.3], [0.2, 0.25, 0.5], torch.device("cpu"))
+    assert a is not norm_constants((0.5, 0.4, 0.3), (0.2, 0.25, 0.5), "cpu", torch.float64)
+    torch.testing.assert_close(a[1].flatten(), torch.tensor([5.0, 4.0, 2.0]))
+    p = _blur_solarize_params()
+    post = p.post_packed("cpu")
+    assert post.shape == (6, 2) and torch.equal(post[:, 1] > 0.5, p.solarize)
+    assert _identity_params(2, 4, 4).post_packed("cpu") is None
+    x = torch.rand(6, 3, 13, 13, generator=torch.Generator().manual_seed(0))
+    got = blur_solarize_normalize(x, p, (0.5, 0.4, 0.3), (0.2, 0.25, 0.5))
+    plain = blur_solarize_normalize(x, _identity_params(6, 13, 13), (0.5, 0.4, 0.3), (0.2, 0.25, 0.5))
+    torch.testing.assert_close(plain, (x - a[0]) * a[1])
+    assert not torch.allclose(got, plain)
+
+
 def test_every_shipped_recipe_view_maps_onto_the_device_path():
     from sasi_online.data.augment import RECIPE_DIR, load_recipe
 
@@ -443,6 +492,61 @@ def test_dispatcher_forcing_by_env_var(monkeypatch):
         choose_backend(x)
 
 
+@pytest.fixture
+def fresh_probe():
+    from sasi_online.kernels import probe
+
+    probe.forget()
+    yield probe
+    probe.forget()
+
+
+def test_probe_runs_a_real_kernel_once_per_process(triton_here, fresh_probe):
+    if not triton_here:
+        return
+    assert fresh_probe.probe("cpu") is None  # compiled-free: the interpreter launches the kernel
+    assert fresh_probe.probe("cpu") is None and fresh_probe.probe_runs("cpu") == 1
+
+
+def test_probe_failure_disables_triton_logs_once_and_counts(fresh_probe, monkeypatch, caplog):
+    """Fault injection: the probe's compile raises as it does on a box with no C compiler."""
+    from sasi_online.kernels import dispatch, dispatch_counts
+
+    def no_compiler(device_type):
+        raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+
+    monkeypatch.setattr(fresh_probe, "compile_and_run", no_compiler)
+    with caplog.at_level("WARNING", logger="sasi_online.kernels"):
+        problem = fresh_probe.probe("cuda")
+        assert fresh_probe.probe("cuda") == problem and fresh_probe.probe_runs("cuda") == 1
+    assert problem and "C compiler" in problem and "probe kernel failed" in problem
+    assert sum("Triton disabled on cuda" in r.getMessage() for r in caplog.records) == 1
+    choice = dispatch.auto_choice("ring_augment", ["cuda"], None, fresh_probe.probe)
+    assert choice.backend == "torch" and "C compiler" in choice.reason
+    fresh_probe.forget()
+    monkeypatch.setattr(fresh_probe, "compile_and_run", lambda device_type: None)
+    assert dispatch.auto_choice("ring_augment", ["cuda"], None, fresh_probe.probe).backend == "triton"
+    before = dispatch_counts().get("ring_augment", {}).get("torch", 0)
+    monkeypatch.delenv("SASI_KERNEL_BACKEND", raising=False)
+    p = sample_aug_params(2, (20, 24))
+    torch.testing.assert_close(augment_views(_images(n=2), p, 8), ring_augment_torch(_images(n=2), p, 8))
+    assert dispatch_counts()["ring_augment"]["torch"] == before + 1
+    assert "per-view loop" in last_choice("ring_augment").reason
+
+
+def test_forced_triton_is_refused_when_the_probe_failed(triton_here, fresh_probe, monkeypatch):
+    if not triton_here:
+        return
+    from sasi_online.kernels import TritonUnavailableError
+
+    def no_python_h(device_type):
+        raise OSError("fatal error: Python.h: No such file or directory")
+
+    monkeypatch.setattr(fresh_probe, "compile_and_run", no_python_h)
+    with pytest.raises(TritonUnavailableError, match="Python.h.*backend='torch'"):
+        augment_views(_images(n=2), sample_aug_params(2, (20, 24)), 8, backend="triton")
+
+
 FORCED_TRITON_ON_CPU = """
 import torch
 from sasi_online.kernels import TritonUnavailableError, augment_views, sample_aug_params
@@ -470,7 +574,7 @@ def test_every_kernel_compiles_for_the_h200_without_a_gpu(tmp_path):
              {"TRITON_INTERPRET": None, "TRITON_CACHE_DIR": str(tmp_path)}, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     records = json.loads(r.stdout)
-    assert {x["kernel"] for x in records} == {"guided_step_kernel", "grey_sum_kernel",
+    assert {x["kernel"] for x in records} == {"probe_kernel", "guided_step_kernel", "grey_sum_kernel",
                                              "augment_kernel", "infonce_fwd_kernel",
                                              "infonce_bwd_kernel"}
     assert all(x["ok"] for x in records)
