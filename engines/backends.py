@@ -21,6 +21,7 @@ A backend that cannot run here raises BackendUnavailable with the reason and the
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -63,17 +64,25 @@ class EagerUNet:
 DIFFUSERS_INDUCTOR = {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True,
                       "coordinate_descent_check_all_directions": True, "epilogue_fusion": False}
 COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# SASI_INDUCTOR_TUNING=default drops DIFFUSERS_INDUCTOR: inductor's own settings, no
+# coordinate-descent tuning, a compile minutes shorter on a cold cache (the GPU check uses it).
+TUNING_ENV = "SASI_INDUCTOR_TUNING"
+TUNINGS = ("diffusers", "default")
 
 
 def inductor_options(mode: str) -> dict:
-    """torch.compile options for `mode` plus DIFFUSERS_INDUCTOR. torch.compile takes `mode` or
-    `options`, not both: the mode's own options (CUDA graphs for reduce-overhead) are spelt out."""
+    """torch.compile options for `mode` plus DIFFUSERS_INDUCTOR (unless SASI_INDUCTOR_TUNING=default).
+    torch.compile takes `mode` or `options`, not both: the mode's own options (CUDA graphs for
+    reduce-overhead) are spelt out."""
     from torch._inductor import list_mode_options
 
     if mode not in COMPILE_MODES[1:]:
         raise UserInputError(f"compile mode '{mode}' is unknown; choose one of {', '.join(COMPILE_MODES)} "
                              f"(config key generation.compile_mode)")
-    return {**list_mode_options(mode), **DIFFUSERS_INDUCTOR}
+    tuning = os.environ.get(TUNING_ENV, "diffusers").strip().lower() or "diffusers"
+    if tuning not in TUNINGS:
+        raise UserInputError(f"{TUNING_ENV}={tuning}: expected one of {', '.join(TUNINGS)}")
+    return {**list_mode_options(mode), **(DIFFUSERS_INDUCTOR if tuning == "diffusers" else {})}
 
 
 class CompiledStep:

@@ -8,7 +8,7 @@ The dispatcher asks it before choosing Triton on CUDA, so a box without a compil
 every kernel on the torch path and logs one line saying why.
 
 On the CPU the kernel runs only under Triton's interpreter (``TRITON_INTERPRET=1``); in a
-compiled-mode process the probe reports that instead of launching.
+compiled-mode process its launch fails ("0 active drivers") and the probe says so.
 """
 from __future__ import annotations
 
@@ -52,16 +52,15 @@ def _attempt(device_type: str) -> str | None:
     problem = triton_import_problem()
     if problem:
         return problem
-    if device_type == "cpu" and not interpret_mode():
-        return ("Triton runs on the CPU only through its interpreter (TRITON_INTERPRET=1 in the "
-                "environment before triton is imported)")
     if device_type not in ("cpu", "cuda"):
         return f"the Triton kernels run on CUDA devices, not on {device_type}"
     try:
         compile_and_run(device_type)
     except Exception as exc:  # noqa: BLE001 - no compiler, no Python.h, unsupported GPU ...
+        hint = (" (on the CPU Triton runs only through its interpreter: TRITON_INTERPRET=1 in the "
+                "environment before triton is imported)") if device_type == "cpu" and not interpret_mode() else ""
         return (f"the start-up probe kernel failed to compile or run on {device_type} "
-                f"({type(exc).__name__}: {str(exc).strip()[:300]})")
+                f"({type(exc).__name__}: {str(exc).strip()[:300]}){hint}")
     return None
 
 

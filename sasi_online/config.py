@@ -205,6 +205,10 @@ class TrainConfig:
     # Timeout of the job's process groups (seconds). No wait of ours is a blocking call that
     # this can cut short (a slow producer is polled, never waited on in a collective).
     dist_timeout_s: int = 1800
+    # DeepSpeed config entries merged over the generated one (`--deepspeed_config FILE` fills
+    # this from a JSON file). Keys the project owns are refused with the key to use instead
+    # (batch sizes, precision, optimizer, scheduler, ZeRO stage, timers, tag validation).
+    deepspeed: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -212,10 +212,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="config overrides, e.g. train.steps=50 method.name=simclr")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config as YAML (includes, overrides, --deepspeed_config "
+                             "and the method's recipe applied: what training would use) and exit")
+    from sasi_online.training.engine import add_deepspeed_arguments
+
+    add_deepspeed_arguments(parser)  # --deepspeed, --deepspeed_config FILE
+
+
+def resolved_config(args: argparse.Namespace) -> Config:
+    """The config a run of `args` trains with; `--print-config` prints this very object."""
+    from sasi_online.config import resolve_recipe
+    from sasi_online.training.engine import read_user_config
+
+    cfg = load_config(args.config, args.overrides)
+    ds_file = getattr(args, "deepspeed_config", None) or getattr(args, "deepscale_config", None)
+    if ds_file:
+        cfg.train.deepspeed = {**cfg.train.deepspeed, **read_user_config(ds_file)}
+    return resolve_recipe(cfg)
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
+    cfg = resolved_config(args)
+    if getattr(args, "print_config", False):
+        import yaml
+
+        from sasi_online.training.engine import deepspeed_config
+
+        deepspeed_config(cfg, cfg.train.batch_size, 1)  # refused DeepSpeed keys fail here too
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
     try:
         result = train(cfg)
     except NonFiniteLossError as exc:

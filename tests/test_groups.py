@@ -39,7 +39,7 @@ def colocated_cfg(zoo, out, *more):
 def check_colocated_accounting(out, step, trainers):
     """At a checkpoint: every SASI made reached its trainer's ring (nothing in flight),
     every sample counted in exactly one pairing outcome, no (index, variant) twice in a ring."""
-    folder = Path(out) / "checkpoints" / f"step_{step:07d}"
+    folder = Path(out) / "checkpoints" / f"global_step{step}"
     hits = 0
     for r in range(trainers):
         ring = torch.load(folder / f"ring_rank{r}.pt", weights_only=True)
@@ -112,14 +112,14 @@ def test_colocated_one_trainer_trains_checkpoints_and_resumes(tiny_zoo, tmp_path
     first = train(colocated_cfg(tiny_zoo, out, *more), stop_at=2, method_factory=tiny_method)
     assert first.step == 2
     check_colocated_accounting(out, 2, 1)
-    held = int((torch.load(out / "checkpoints/step_0000002/ring_rank0.pt", weights_only=True)["ring"]["index"] >= 0).sum())
+    held = int((torch.load(out / "checkpoints/global_step2/ring_rank0.pt", weights_only=True)["ring"]["index"] >= 0).sum())
     step_callback, synced = no_host_sync_guard(monkeypatch, armed_at=3)
     resumed = train(colocated_cfg(tiny_zoo, out, *more), method_factory=tiny_method, step_callback=step_callback)
     assert not synced and resumed.step == 4
     assert sorted(resumed.losses) == [4]  # continued from step 2
     check_colocated_accounting(out, 4, 1)  # counts continued across the resume
     # the checkpoint held no pixels: what the ring held was dropped, then refilled from the store
-    ring = torch.load(out / "checkpoints/step_0000004/ring_rank0.pt", weights_only=True)["ring"]["counts"]
+    ring = torch.load(out / "checkpoints/global_step4/ring_rank0.pt", weights_only=True)["ring"]["counts"]
     assert held > 0 and ring["dropped_at_resume"] == held and 0 < ring["refilled_at_resume"] <= held
     summary = json.loads((out / "online_summary.json").read_text())
     assert summary["mode"] == "colocated" and sum(summary["outcomes"].values()) == 4 * BATCH
@@ -177,7 +177,7 @@ def _unrouted_save(ckpt_dir: Path) -> str:
     except RuntimeError as exc:
         error = str(exc)
     ckpt.save(engine, ckpt_dir, 1, tiny_cfg(ckpt_dir), {"step": 1}, roles.trainer_rank, roles.control_group)
-    assert (ckpt_dir / "step_0000001" / "meta.json").is_file() or roles.trainer_rank != 0
+    assert (ckpt_dir / "global_step1" / "meta.json").is_file() or roles.trainer_rank != 0
     set_current(None)
     return error
 
@@ -193,7 +193,7 @@ def test_cuda_only_world_trains_offline_and_colocated(tiny_zoo, tmp_path):
     # offline: both replicas agree, the checkpoint and the log are the first trainer's
     p0, p1 = (torch.load(tmp_path / f"offline/params_rank{r}.pt", weights_only=True) for r in (0, 1))
     assert torch.allclose(p0, p1, rtol=1e-6, atol=1e-6)
-    assert (tmp_path / "offline/checkpoints/step_0000003/meta.json").is_file()
+    assert (tmp_path / "offline/checkpoints/global_step3/meta.json").is_file()
     rows = [json.loads(x) for x in (tmp_path / "offline/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
     # co-located, two trainers: accounting at both checkpoints, one writer per (index, variant)

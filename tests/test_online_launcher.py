@@ -30,7 +30,7 @@ def _launch(zoo, out, *overrides, timeout=240):
 
 
 def _ckpt(out, step, name):
-    return torch.load(Path(out) / "checkpoints" / f"step_{step:07d}" / name, weights_only=True)
+    return torch.load(Path(out) / "checkpoints" / f"global_step{step}" / name, weights_only=True)
 
 
 def _check_accounting(out, step, micro_steps, trainers=(0, 1), producers=(2,)):
@@ -39,7 +39,7 @@ def _check_accounting(out, step, micro_steps, trainers=(0, 1), producers=(2,)):
     one pairing outcome, no (index, variant) twice."""
     from test_groups import assert_no_pixels
 
-    folder = Path(out) / "checkpoints" / f"step_{step:07d}"
+    folder = Path(out) / "checkpoints" / f"global_step{step}"
     assert_no_pixels(*[folder / f"producer_rank{p}.pt" for p in producers],
                      *[folder / f"ring_rank{r}.pt" for r in trainers])
     states = [_ckpt(out, step, f"producer_rank{p}.pt") for p in producers]
@@ -92,7 +92,7 @@ def test_producer_faults_are_survived(first_run):
     assert producer["generated"] == 9 * 8  # the nine batches after it made their SASI
     assert producer["stopped"] == 1 and "fault_loop_after" in producer["error"]
     assert "STOPPED producing" in log
-    assert (out / "checkpoints" / "step_0000008" / "meta.json").is_file()  # saved after the producer died
+    assert (out / "checkpoints" / "global_step8" / "meta.json").is_file()  # saved after the producer died
 
 
 def test_resume_continues_ring_and_accounting(tiny_zoo, first_run):

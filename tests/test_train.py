@@ -70,7 +70,7 @@ def test_resume_is_exact(tmp_path, optim, zero, accum):
     full = _train(tiny_cfg(tmp_path / "full", **over))
     cut = tiny_cfg(tmp_path / "cut", **over)
     first = _train(cut, stop_at=2)
-    assert first.step == 2 and (tmp_path / "cut/checkpoints/step_0000002/meta.json").is_file()
+    assert first.step == 2 and (tmp_path / "cut/checkpoints/global_step2/meta.json").is_file()
     with open(tmp_path / "cut/metrics.jsonl", "a") as fh:  # logged after the checkpoint, then a crash
         fh.write(json.dumps({"step": 3, "loss": 9.0}) + "\n" + '{"step": 4, "lo')
     resumed = _train(cut)
@@ -121,17 +121,17 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
     # log_every=5: the loss stays on the device until the checkpoint at step 4 checks it
     cfg = tiny_cfg(tmp_path / "run", train={"steps": 6, "log_every": 5})
-    with pytest.raises(NonFiniteLossError, match="step_0000002"):
+    with pytest.raises(NonFiniteLossError, match="global_step2"):
         _train(cfg, step_callback=poison)
     latest = json.loads((tmp_path / "run/checkpoints/latest.json").read_text())
     assert latest["step"] == 2
-    assert not (tmp_path / "run/checkpoints/step_0000004").exists()
+    assert not (tmp_path / "run/checkpoints/global_step4").exists()
 
 
 def test_bf16_zero2_trains(tmp_path):
     result = _train(tiny_cfg(tmp_path / "bf16", train={"steps": 2, "precision": "bf16", "zero_stage": 2}))
     assert result.step == 2 and all(v == v and abs(v) < 1e3 for v in result.losses.values())
-    assert (tmp_path / "bf16/checkpoints/step_0000002/meta.json").is_file()
+    assert (tmp_path / "bf16/checkpoints/global_step2/meta.json").is_file()
 
 
 def test_loader_workers_give_the_same_batches(tmp_path):

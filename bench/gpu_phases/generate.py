@@ -8,17 +8,20 @@ with random weights, and the tiny zoo's CLIP tokenizer (random weights: speed, n
 pictures). Mask prompts (pure noise + the ControlNet) at 512 px; rows:
 
     eager   at batch 8, 1 and 16
-    compile at batch 8 and 1 (backend=compile: ControlNet + UNet as one graph, CUDA graphs
-            over padded static batches, compiled VAE decode, diffusers' inductor settings);
-            each shape compiled once, and only when the phase's time guard
-            (--generate-seconds) leaves --compile-min-seconds: a compile cannot be cut short
+    compile at batch 8, then 1 (backend=compile: ControlNet + UNet as one graph, CUDA graphs
+            over padded static batches), each in a child process (gpu_phases/compiled.py)
+            killed at its share of the phase's limit, with inductor's default settings (no
+            coordinate-descent tuning), the VAE decode eager, and TORCHINDUCTOR_CACHE_DIR
+            under --out so a rerun is warm
     tensorrt  not tried: TensorRT cannot be installed on the GPU machine (its wheels download
             from NVIDIA's own index, which that machine does not reach)
 
 Each row: SASI/s (whole generate calls, after a warm-up call), model FLOPs per SASI (torch's
-FLOP counter over one eager call), MFU against the fp16 matmul rate measured first, compile
-seconds (first call minus a steady call) and peak GPU memory. With --tiny the same code runs
-on a CPU with tiny models in seconds (fp32, 64 px, batches 1 and 2, compile off unless asked).
+FLOP counter over one eager call), MFU against the device's bf16 dense spec peak
+(gpu_phases.SPEC_BF16_TFLOPS; an unknown device: against the measured matmul rate only,
+and the row says so) with the measured fp16 matmul rate beside it, compile seconds (first
+call minus a steady call) and peak GPU memory. With --tiny the same code runs on a CPU
+with tiny models in seconds (fp32, 64 px, batches 1 and 2, compile off unless asked).
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from . import device, peak_memory_mib, require, reset_peak_memory, sync, time_call
+from . import device, peak_memory_mib, require, reset_peak_memory, spec_peak_tflops, sync, time_call
 
 # runwayml/stable-diffusion-v1-5 unet/config.json (full size)
 SD15_UNET = dict(
@@ -127,7 +130,14 @@ def flops_per_sasi(gen, px: int) -> float:
     return float(counter.get_total_flops())
 
 
-def measure(gen, what: str, batch: int, px: int, dev, peak: float, flops: float, seconds: float) -> dict:
+def peak_info(dev: torch.device, matmul_tflops: float) -> dict:
+    """The MFU denominator: the device's spec peak when the table knows it, else the measured rate."""
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    spec, note = spec_peak_tflops(name)
+    return {"spec_tflops": spec, "matmul_tflops": matmul_tflops, "note": note}
+
+
+def measure(gen, what: str, batch: int, px: int, dev, peak: dict, flops: float, seconds: float) -> dict:
     prompts, vps, seeds = mask_prompts(batch, px)
     reset_peak_memory(dev)
     t0 = time.perf_counter()
@@ -137,14 +147,33 @@ def measure(gen, what: str, batch: int, px: int, dev, peak: float, flops: float,
     sec = time_call(lambda: gen.generate(prompts, vps, seeds), dev, max_seconds=seconds, warmup=0,
                     min_iters=1, max_iters=5)
     rate = batch / sec
+    achieved = flops * rate / 1e12
     row = {"phase": "generate", "what": what, "backend": gen.cfg.backend, "batch": batch, "resolution": px,
            "steps": gen.cfg.steps, "dtype": str(gen.dtype).replace("torch.", ""), "sasi_per_s": rate,
-           "seconds_per_call": sec, "tflop_per_sasi": flops / 1e12, "mfu": flops * rate / (peak * 1e12),
+           "seconds_per_call": sec, "tflop_per_sasi": flops / 1e12, "achieved_tflops": achieved,
+           "mfu": achieved / peak["spec_tflops"] if peak["spec_tflops"] else None,
+           "mfu_vs_measured_matmul": achieved / peak["matmul_tflops"],
            "peak_memory_mib": peak_memory_mib(dev), "all_finite": bool(first.finite.all()),
            "attention": _short(gen.attention)}
+    if not peak["spec_tflops"]:
+        row["note"] = "MFU vs the measured matmul rate only: device not in the spec table"
     if gen.cfg.backend == "compile":
         row["compile_seconds"] = round(max(first_s - sec, 0.0), 1)
     return row
+
+
+def base_generator(tiny: bool, dev, dtype, steps: int, batch: int, where: Path, backend: str = "eager"):
+    """SASIGenerator over build_family's in-memory models, as the phase and its compile child use it."""
+    from sasi_online.config import Config
+    from sasi_online.generation import SASIGenerator
+
+    cfg = Config()
+    g = cfg.generation
+    g.family, g.resolution, g.steps, g.batch_size = "sd15", 64 if tiny else 512, steps, batch
+    g.dtype, g.device, g.backend = str(dtype).replace("torch.", ""), dev.type, backend
+    gen = SASIGenerator(cfg.models, g)
+    gen._adopt("sd15", build_family(tiny, dev, dtype, where))
+    return gen
 
 
 def _short(attention: str | None) -> str:
@@ -155,64 +184,36 @@ def _short(attention: str | None) -> str:
 
 
 def run(args, out_dir: Path) -> list[dict]:
-    require("diffusers")
-    from sasi_online.config import Config
-    from sasi_online.generation import SASIGenerator
+    require("yaml", "tqdm", "diffusers", "transformers")
+    from .compiled import compiled_rows
 
     tiny = bool(args.tiny)
     dev = device()
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     out_dir.mkdir(parents=True, exist_ok=True)
-    deadline = time.perf_counter() + float(getattr(args, "generate_seconds", 30.0 if tiny else 240.0))
-    seconds = float(getattr(args, "section_seconds", 1.0 if tiny else 8.0))
+    deadline = time.perf_counter() + float(args.generate_seconds)
+    seconds = float(args.section_seconds)
     px = 64 if tiny else 512
     small, large = (1, 2) if tiny else (1, 8)
+    steps = 2 if tiny else int(args.steps)
     rows = [matmul_rate(dev, tiny, seconds, dtype)]
-    peak = rows[0]["tflops"]
-    cfg = Config()
-    g = cfg.generation
-    g.family, g.resolution, g.steps, g.batch_size = "sd15", px, 2 if tiny else int(getattr(args, "steps", 20)), small
-    g.dtype = str(dtype).replace("torch.", "")
-    g.device = dev.type
-    base = SASIGenerator(cfg.models, g)
-    base._adopt("sd15", build_family(tiny, dev, dtype, out_dir))
+    peak = peak_info(dev, rows[0]["tflops"])
+    base = base_generator(tiny, dev, dtype, steps, small, out_dir)
     flops = flops_per_sasi(base, px)
-    # most telling first, so a tight guard still gets eager vs compiled at the production batch
-    for kind, batch in (("eager", large), ("compile", large), ("eager", small), ("eager", 2 * large),
-                        ("compile", small)):
-        if kind == "compile":
-            rows += compiled_rows(args, base, (batch,), px, dev, peak, flops, seconds, deadline)
-        elif time.perf_counter() > deadline and len(rows) > 1:  # the first eager row always runs
+    # eager rows first (the production batch first), kept short so the compile children get
+    # most of the phase's limit
+    for batch in (large, small, 2 * large):
+        if time.perf_counter() > deadline - (args.compile_min_seconds if args.compile else 0) and len(rows) > 1:
             rows.append({"phase": "generate", "what": f"eager batch {batch}", "note": "skipped: time guard"})
         else:
             rows.append(measure(base.with_settings(batch_size=batch), "eager", batch, px, dev, peak, flops, seconds))
+    del base
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    rows += compiled_rows(args, (large, small), px, steps, peak, flops, out_dir, deadline)
     eager = {r["batch"]: r for r in rows if r.get("backend") == "eager"}
     for r in rows:
-        if r.get("backend") == "compile" and r["batch"] in eager:
+        if r.get("backend") == "compile" and r.get("batch") in eager:
             r["speedup_vs_eager"] = r["sasi_per_s"] / eager[r["batch"]]["sasi_per_s"]
     rows.append({"phase": "generate", "what": "tensorrt", "note": TRT_NOTE})
-    return rows
-
-
-def compiled_rows(args, base, batches, px, dev, peak, flops, seconds, deadline) -> list[dict]:
-    """backend=compile, largest batch first; each shape compiled once; skipped when the time
-    left is below --compile-min-seconds (a compile cannot be interrupted once started)."""
-    rows = []
-    wanted = getattr(args, "compile", None)
-    if wanted is None:
-        wanted = not args.tiny
-    need = float(getattr(args, "compile_min_seconds", 120.0))
-    for batch in batches:
-        left = deadline - time.perf_counter()
-        if not wanted:
-            rows.append({"phase": "generate", "what": f"compile batch {batch}",
-                         "note": "skipped: compile off (default with --tiny: an inductor build takes minutes on a "
-                                 "small CPU; pass --compile)"})
-        elif left < need:
-            rows.append({"phase": "generate", "what": f"compile batch {batch}",
-                         "note": f"skipped: time guard ({left:.0f} s left < --compile-min-seconds {need:.0f})"})
-        else:
-            gen = base.with_settings(batch_size=batch, backend="compile")
-            rows.append(measure(gen, f"compile ({gen._backends['sd15'].mode})", batch, px, dev, peak, flops,
-                                seconds))
     return rows

@@ -1,8 +1,12 @@
 """online: 30 steps of co-located `train()` (online.mode=colocated: the trainer generates on its
 own GPU between steps) with full-size random-weight SD-1.5 + seg ControlNet, built from
-their real configs, generating at 256 px with generation.text=class_name and the tiny
-zoo's tokenizer. At least one ring hit is required; a non-finite SASI counts as a failure.
---tiny: configs/online_tiny.yaml on the tiny zoo, on a CPU."""
+their real configs, generating mask prompts (ControlNet) at 512 px, 20 steps, with
+generation.text=class_name and the tiny zoo's tokenizer. SASI/s is counted from the first
+log step after a finished batch (model loading and the first batch excluded). At least one
+ring hit is required; a non-finite SASI counts as a failure. Beside it, the semantic stages
+the loop would add (gpu_phases/semantics.py): BLIP-2 OPT-2.7B captions and LLaMA-7B
+rewrites, timed per stage at full size with random weights.
+--tiny: configs/online_tiny.yaml on the tiny zoo, on a CPU (tiny stage models)."""
 from __future__ import annotations
 
 import json
@@ -83,17 +87,36 @@ def overrides(args, out_dir: Path, models: Path) -> tuple[Path, list[str]]:
     data = random_imagefolder(out_dir / "data", images=512, side=256)
     return REPO / "configs" / "online_1gpu.yaml", common + [
         f"models.root={models}", "data.name=imagefolder", f"data.root={data}", "data.image_size=224",
-        "generation.resolution=256", "generation.steps=4", "generation.batch_size=8", "generation.dtype=bfloat16",
+        "generation.resolution=512", f"generation.steps={int(args.steps)}", "generation.batch_size=8",
+        "generation.dtype=bfloat16", "visual.kind=mask",
         "train.steps=30", "train.batch_size=64", "train.log_every=5", "train.ckpt_every=30", "method.queue_size=4096",
         "online.ring_slots=512", "online.lookahead=8", "online.start_sasi=8", "online.max_age=1000"]
 
 
+def sasi_rate_after_first_batch(run_dir: Path, batch: int) -> float | None:
+    """SASI/s between the first log row that counts a generated SASI and the last one: each
+    interval's seconds are its steps x batch / its images/s (the loop's own clock)."""
+    from sasi_online.training.metrics import read_metrics
+
+    rows = [r for r in read_metrics(run_dir / "metrics.jsonl", "images_per_s") if "online/sasi_generated" in r]
+    first = next((i for i, r in enumerate(rows) if r["online/sasi_generated"] > 0), None)
+    if first is None or first == len(rows) - 1:
+        return None
+    later = rows[first + 1:]
+    seconds = sum((r["step"] - p["step"]) * batch / max(r["images_per_s"], 1e-9) for p, r in zip(rows[first:], later))
+    return (later[-1]["online/sasi_generated"] - rows[first]["online/sasi_generated"]) / max(seconds, 1e-9)
+
+
 def run(args, out_dir: Path) -> list[dict]:
-    require("deepspeed", "pydantic", "diffusers", "transformers")
+    require("yaml", "tqdm", "deepspeed", "pydantic", "diffusers", "transformers",
+            *(() if getattr(args, "zoo", None) else ("peft",)))  # building the tiny zoo makes a LoRA
     from sasi_online.config import load_config
     from sasi_online.train import train
 
+    from .semantics import stage_rows
+
     dev = device()
+    deadline = time.perf_counter() + float(args.online_seconds)
     zoo = zoo_path(args, out_dir)
     models = zoo if args.tiny else build_full_sd15(zoo, out_dir / "models")
     config, over = overrides(args, out_dir, models)
@@ -105,14 +128,18 @@ def run(args, out_dir: Path) -> list[dict]:
     summary = json.loads((out_dir / "run" / "online_summary.json").read_text())
     outcomes, producer = summary["outcomes"], summary["producers"][0]
     fig = train_rows(out_dir / "run")
-    row = {"phase": "online", "what": f"co-located, {cfg.generation.resolution}px SASI, {cfg.data.image_size}px "
-           f"training, batch {cfg.train.batch_size}", "images_per_s": fig["images_per_s"],
-           "sasi_per_s": producer.get("generated_this_run", 0) / max(producer.get("wall_s", 0.0), 1e-9),
+    pairs = max(sum(outcomes.values()), 1)
+    row = {"phase": "online", "what": f"co-located, {cfg.generation.resolution}px {cfg.visual.kind} SASI, "
+           f"{cfg.generation.steps} steps, {cfg.data.image_size}px training, batch {cfg.train.batch_size}",
+           "images_per_s": fig["images_per_s"],
+           "sasi_per_s": sasi_rate_after_first_batch(out_dir / "run", cfg.train.batch_size),
+           "sasi_per_s_whole_run": producer.get("generated_this_run", 0) / max(producer.get("wall_s", 0.0), 1e-9),
            "producer_busy": producer.get("busy_s", 0.0) / max(producer.get("wall_s", 0.0), 1e-9),
-           "ring_hit_rate": outcomes["ring_hit"] / max(sum(outcomes.values()), 1), "ring_hits": outcomes["ring_hit"],
+           "ring_hit_rate": outcomes["ring_hit"] / pairs, "ring_hits": outcomes["ring_hit"],
+           "sasi_pair_rate": summary.get("sasi_pair_rate"),
            "sasi_failed": producer.get("failed", 0), "steps": result.step, "peak_gpu_mib": peak_memory_mib(dev),
            "seconds": seconds}
     if outcomes["ring_hit"] < 1 or producer.get("failed", 0) or producer.get("stopped", 0):
         raise RuntimeError(f"online phase: {outcomes['ring_hit']} ring hits, {producer.get('failed', 0)} failed SASI "
                            f"(non-finite counts), producer error '{producer.get('error', '')}'; row {row}")
-    return [row]
+    return [row] + stage_rows(dev, args.tiny, deadline)

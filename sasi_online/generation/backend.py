@@ -17,6 +17,7 @@ too when `generation.backend=compile`.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -143,14 +144,19 @@ def load_tiny_decoder(models_cfg: Any, fam: Any) -> Any:
     return tiny.to(fam.device).eval()
 
 
+COMPILE_DECODER_ENV = "SASI_COMPILE_DECODER"  # 0: keep the decoder eager under backend=compile
+
+
 def build_decoder(gen_cfg: Any, models_cfg: Any, fam: Any) -> Decoder:
-    """The decoder `generation.decoder` names, compiled under `generation.backend=compile`."""
+    """The decoder `generation.decoder` names, compiled under `generation.backend=compile`
+    (unless SASI_COMPILE_DECODER=0: one compile fewer, as the GPU check runs it)."""
     choice = getattr(gen_cfg, "decoder", "vae")
     if choice not in DECODERS:
         raise UserInputError(f"generation.decoder='{choice}' is not known; use one of {', '.join(DECODERS)}")
     module = fam.vae if choice == "vae" else load_tiny_decoder(models_cfg, fam)
     prepare_module(gen_cfg, module, fam.device)
-    mode = _compile_mode(gen_cfg, fam.device.type) if gen_cfg.backend == "compile" else None
+    compile_decoder = os.environ.get(COMPILE_DECODER_ENV, "1").strip().lower() not in ("0", "off", "false", "no")
+    mode = _compile_mode(gen_cfg, fam.device.type) if gen_cfg.backend == "compile" and compile_decoder else None
     decoder = Decoder(module, "VAE" if choice == "vae" else "tiny autoencoder (TAESD)", mode)
     log.info("decoder for %s: %s", fam.name, decoder.name)
     return decoder

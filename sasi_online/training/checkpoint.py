@@ -13,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -23,7 +25,9 @@ import torch
 import torch.distributed as dist
 
 from sasi_online.errors import UserInputError
-from sasi_online.utils import atomic_write_json
+from sasi_online.utils import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
 
 # Keys that may change between a run and its resume without changing what is trained.
 # Keys a resumed run may change: they steer logging, length or fault drills, not the model.
@@ -80,7 +84,49 @@ class SafeCheckpointEngine:
 
 
 def tag_of(step: int) -> str:
-    return f"step_{step:07d}"
+    """The tag (folder name) of the checkpoint after `step` optimizer steps: DeepSpeed's own
+    convention, so its tools (zero_to_fp32 --tag, load_checkpoint) read it as written."""
+    return f"global_step{int(step)}"
+
+
+_LEGACY_TAG = re.compile(r"^step_(\d{7,})$")  # tags written before the rename
+
+
+def _step_of_tag(name: str) -> Optional[int]:
+    m = re.match(r"^global_step(\d+)$", name) or _LEGACY_TAG.match(name)
+    return int(m.group(1)) if m else None
+
+
+def _migrate_legacy(ckpt_dir: Path) -> None:
+    """Rename `step_0000004/` folders (earlier versions) to `global_step4/` and point the
+    latest-files at the new name. Safe for every rank to call at once: a rename another
+    rank did first is skipped, and both latest-files are rewritten with the same content."""
+    renamed = False
+    for old in ckpt_dir.glob("step_*"):
+        m = _LEGACY_TAG.match(old.name)
+        if not m or not old.is_dir():
+            continue
+        new = ckpt_dir / tag_of(int(m.group(1)))
+        try:
+            if not new.exists():
+                old.rename(new)
+                renamed = True
+        except FileNotFoundError:  # another rank renamed it a moment ago
+            renamed = True
+    latest_json = ckpt_dir / "latest.json"
+    if not latest_json.is_file():
+        return
+    try:
+        info = json.loads(latest_json.read_text())
+    except ValueError:
+        return
+    step = _step_of_tag(str(info.get("tag", "")))
+    if step is not None and _LEGACY_TAG.match(str(info["tag"])):
+        atomic_write_json(latest_json, {**info, "tag": tag_of(step)})
+        atomic_write_text(ckpt_dir / "latest", tag_of(step))  # DeepSpeed's own latest-file
+        renamed = True
+    if renamed:
+        log.info("checkpoints in %s renamed to DeepSpeed's global_stepN tags", ckpt_dir)
 
 
 def _rng_state() -> dict:
@@ -126,7 +172,8 @@ def save(engine, ckpt_dir: Path, step: int, cfg, client_state: dict, trainer_ran
         # meta.json last: a tag folder without it is incomplete and never resumed from
         atomic_write_json(folder / "meta.json", {"step": step, "config_hash": config_hash(cfg)})
         atomic_write_json(ckpt_dir / "latest.json", {"tag": tag, "step": step})
-        tags = sorted(p for p in ckpt_dir.glob("step_*") if (p / "meta.json").is_file())
+        tags = sorted((p for p in ckpt_dir.iterdir() if _step_of_tag(p.name) is not None
+                       and (p / "meta.json").is_file()), key=lambda p: _step_of_tag(p.name))
         for old in tags[:-KEEP_LAST]:
             shutil.rmtree(old, ignore_errors=True)
     if dist.is_initialized():
@@ -139,9 +186,12 @@ def _no_routing():
 
 
 def latest(ckpt_dir: Path) -> Optional[tuple[str, dict]]:
+    """(tag, meta) of the newest complete checkpoint, or None. Checkpoints written with the
+    earlier tag names (step_0000004) are renamed to DeepSpeed's (global_step4) first."""
     p = ckpt_dir / "latest.json"
     if not p.is_file():
         return None
+    _migrate_legacy(ckpt_dir)
     tag = json.loads(p.read_text())["tag"]
     meta_path = ckpt_dir / tag / "meta.json"
     if not meta_path.is_file():
