@@ -32,7 +32,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from sasi_online.kernels import (AugRecipe, guided_step_torch, guided_step_triton,  # noqa: E402
                                  infonce_held_bytes, infonce_saved_bytes, infonce_torch, infonce_triton,
-                                 ring_augment_torch, ring_augment_triton, sample_aug_params)
+                                 ring_augment_torch, ring_augment_triton, ring_augment_vectorized,
+                                 sample_aug_params)
 from sasi_online.utils import atomic_write_json, atomic_write_text  # noqa: E402
 
 
@@ -103,10 +104,12 @@ def bench_ring_augment(device, cases, iters):
         params = sample_aug_params(n, (src, src), AugRecipe(), generator=g)
         want = ring_augment_torch(images, params, out_size)
         got = ring_augment_triton(images, params, out_size)
+        vec = ring_augment_vectorized(images, params, out_size)
         row = {"views": n, "source_px": src, "out_px": out_size, "layout": "NHWC uint8",
-               "max_abs_diff": max_diff(got, want)}
-        if CUDA:
-            row["torch_ms"] = time_ms(lambda: ring_augment_torch(images, params, out_size), iters)
+               "max_abs_diff": max_diff(got, want), "vectorized_max_abs_diff": max_diff(vec, want)}
+        if CUDA:  # the baseline: the vectorised torch path the dispatcher runs without Triton
+            row["torch_ms"] = time_ms(lambda: ring_augment_vectorized(images, params, out_size), iters)
+            row["loop_ms"] = time_ms(lambda: ring_augment_torch(images, params, out_size), iters)
             row["triton_ms"] = time_ms(lambda: ring_augment_triton(images, params, out_size), iters)
             row["speedup"] = row["torch_ms"] / row["triton_ms"]
         rows.append(row)
