@@ -183,7 +183,7 @@ def test_wheels_folder_without_requirements_names_the_builder(tmp_path):
 
 
 @pytest.mark.skipif(not os.environ.get("SASI_OFFLINE_WHEELS_TEST"),
-                    reason="about 3 minutes and the package index: set SASI_OFFLINE_WHEELS_TEST=1")
+                    reason="about 2 minutes and the package index: set SASI_OFFLINE_WHEELS_TEST=1")
 def test_offline_install_into_a_bare_venv_then_tiny_check(tmp_path):
     """Build the wheel folder for this interpreter, make a virtual environment holding only
     torch and torchvision, install the folder there offline, run `gpu_check.py --tiny`."""
@@ -244,3 +244,19 @@ def test_compile_child_settings_drop_coordinate_descent_and_keep_the_vae_eager(m
     assert "compiled" not in build_decoder(cfg, None, fam).name
     monkeypatch.delenv("SASI_COMPILE_DECODER")
     assert "compiled" in build_decoder(cfg, None, fam).name and isinstance(build_decoder(cfg, None, fam), Decoder)
+
+
+def test_stage_models_are_the_published_full_sizes():
+    """The online phase's BLIP-2 OPT-2.7B and LLaMA-7B configs, built on the meta device
+    (no memory): their parameter counts are the released checkpoints' (3.74 B, 6.74 B)."""
+    from gpu_phases.semantics import EVA_VIT_G, LLAMA_7B, OPT_2_7B, QFORMER
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        blip2 = Blip2ForConditionalGeneration(Blip2Config(
+            vision_config=EVA_VIT_G, qformer_config=QFORMER, text_config=dict(OPT_2_7B, model_type="opt"),
+            num_query_tokens=32, image_token_index=OPT_2_7B["vocab_size"] - 7))
+        llama = LlamaForCausalLM(LlamaConfig(**LLAMA_7B))
+    assert round(sum(p.numel() for p in blip2.parameters()) / 1e9, 2) == 3.74
+    assert round(sum(p.numel() for p in llama.parameters()) / 1e9, 2) == 6.74
+    assert OPT_2_7B["vocab_size"] - 7 == 50265  # '<image>' in the real vocabulary (NOTES: blip2-opt-2.7b)
