@@ -95,8 +95,12 @@ def build_source_wheels(folder: Path, have: dict) -> None:
 
 def select(wanted: dict[str, str], base: dict[str, str], have: dict) -> list[str]:
     """name==version for each resolved package the box lacks: not torch's or torchvision's
-    closure, not on the box (`have`), never torch/torchvision/triton/DALI themselves."""
-    keep = {n: v for n, v in wanted.items() if n not in base and n not in have and not ALWAYS_OUT.match(n)}
+    closure, not on the box at that version (`have`; a name without a version counts as
+    there), never torch/torchvision/triton/DALI themselves."""
+    def on_box(n: str, v: str) -> bool:
+        return n in have and have[n] in (None, v)
+
+    keep = {n: v for n, v in wanted.items() if n not in base and not on_box(n, v) and not ALWAYS_OUT.match(n)}
     return [f"{n}=={v}" for n, v in sorted(keep.items())]
 
 
@@ -111,8 +115,16 @@ def build(folder: Path, python_version: str, have: dict) -> list[str]:
     constraints = folder / ".constraints.txt"
     constraints.write_text("".join(f"{n}=={v}\n" for n, v in have.items()
                                    if v and "+" not in v and not ALWAYS_OUT.match(n)))
-    base = resolve(list(BASE), python_version, folder, constraints)
-    wanted = resolve(list(PHASE_REQUIREMENTS), python_version, folder, constraints)
+    empty = folder / ".no-constraints.txt"
+    empty.write_text("")
+    base = resolve(list(BASE), python_version, folder, empty)
+    try:
+        wanted = resolve(list(PHASE_REQUIREMENTS), python_version, folder, constraints)
+    except SystemExit as exc:  # a package on the box is too old (or too new) for the pins
+        print(f"the box's versions conflict with the phases' requirements; resolving without them (the folder's "
+              f"newer copies come first on sys.path): {str(exc).splitlines()[-1][:300]}", file=sys.stderr)
+        wanted = resolve(list(PHASE_REQUIREMENTS), python_version, folder, empty)
+    empty.unlink()
     pins = select(wanted, base, have)
     binary = [p for p in pins if canonical(p.split("==")[0]) not in SOURCE_ONLY]
     if binary:
