@@ -47,6 +47,7 @@ setup(
         "diffusers>=0.30",
         "transformers>=4.45",
         "accelerate",
+        "peft",  # diffusers' load_lora_weights (models.lora: an LCM-LoRA fused at start-up)
         "safetensors",
         "tokenizers",
         "sentencepiece",  # LLaMA-family folders that ship tokenizer.model only
@@ -67,7 +68,9 @@ setup(
     ],
     extras_require={
         # timm: the export test loads into its ResNets; datasets: a store opens as an ImageFolder
-        "dev": ["pytest>=8", "pytest-timeout", "timm", "datasets"],
+        # kernels: the Hugging Face package transformers >= 5.25 imports; tests/test_import_roots.py
+        # checks that the checkout's own kernels/ never shadows it
+        "dev": ["pytest>=8", "pytest-timeout", "timm", "datasets", "kernels"],
         # Not installable on CPU-only machines; every import of these is guarded.
         "gpu": _gpu_extra(),
     },

@@ -21,14 +21,11 @@ import argparse
 import io
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sasi_online.config import Config  # noqa: E402
 from sasi_online.data.augment import build_augmenter  # noqa: E402

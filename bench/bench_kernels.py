@@ -26,7 +26,6 @@ if not CUDA:
     # Triton fixes its mode at import: the interpreter must be chosen before that.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch.nn.functional as F  # noqa: E402
 

@@ -21,7 +21,6 @@ each way, so an interrupted run keeps what finished.
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import subprocess
 import sys
@@ -29,7 +28,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def _free_port() -> int:
@@ -39,10 +37,13 @@ def _free_port() -> int:
 
 
 def _launch(ranks: int, config: str, overrides: list[str]) -> float:
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONPATH": str(REPO)}
+    from sasi_online.utils import child_env
+
+    env = child_env()  # the ranks import the installed package, never the checkout's top folder
     env.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
-    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(_free_port()), "sasi_online/train.py",
-           "--config", config, *overrides]
+    # the `deepspeed` command, run through this interpreter so that PATH does not matter
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
+           "--master_port", str(_free_port()), "sasi_online/train.py", "--config", config, *overrides]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, text=True, capture_output=True)
     if proc.returncode != 0:

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sasi_online.online.ring import RingPool  # noqa: E402
 from sasi_online.utils import atomic_write_json  # noqa: E402

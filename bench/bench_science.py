@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -46,7 +45,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))  # bench_offline_online, whose metrics reader is reused
 CONFIG = Path(__file__).resolve().with_name("science.yaml")
 METRICS = ("knn", "linear")
@@ -245,8 +243,9 @@ def _child(job: dict, out: Path) -> subprocess.Popen:
     spec = out / "logs" / f"{job['key']}.json"
     spec.parent.mkdir(parents=True, exist_ok=True)
     spec.write_text(json.dumps(job), encoding="utf-8")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    from sasi_online.utils import child_env
+
+    env = child_env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # the installed package, not the checkout's top
     with open(out / "logs" / f"{job['key']}.log", "w", encoding="utf-8") as log:  # the child keeps its copy
         return subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--run-job", str(spec)],
                                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -25,7 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 WORDS = ("a person wearing a red dress standing on a street with trees and cars in the background "
          "photo of a dog lying on grass near a wooden fence under a blue sky").split()

@@ -32,19 +32,33 @@ def build_parser(available: dict[str, tuple[str, str]] | None = None) -> argpars
         "shipped name (tiny_cpu, imagenet100/byol, cifar10/swav: the configs/ folder, installed with "
         "the package); any config value can be overridden as section.key=value.",
     )
+    from sasi_online import __version__
+
+    parser.add_argument("--version", action="version", version=f"sasi_online {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in (COMMANDS if available is None else available).items():
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
+def unknown_command_message(name: str, available) -> str:
+    """'unknown command', with the closest command name when there is one."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(available), n=1, cutoff=0.6)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return f"unknown command '{name}'.{hint} Choose from {', '.join(available)}"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     available = {n: v for n, v in COMMANDS.items() if importlib.util.find_spec(v[0]) is not None}
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in available:
+    if not argv or argv[0] in ("-h", "--help", "--version") or argv[0] not in available:
         parser = build_parser(available)
+        if argv and argv[0] == "--version":
+            parser.parse_args(argv[:1])  # prints the version and exits
         if argv and argv[0] not in ("-h", "--help"):
-            parser.error(f"unknown command '{argv[0]}'; choose from {', '.join(available)}")
+            parser.error(unknown_command_message(argv[0], available))
         parser.print_help()
         return 0 if argv else 2
     name = argv[0]

@@ -53,9 +53,16 @@ class ModelsConfig:
     # Weight variant to load where a folder has it (e.g. fp16: `*.fp16.safetensors`); None: the
     # plain weights, or the only variant a folder holds (an fp16-only download works as it is).
     variant: Optional[str] = None
+    # A LoRA folder in diffusers' layout (pytorch_lora_weights.safetensors, as the
+    # latent-consistency/lcm-lora-sdv1-5 snapshot ships it), fused into every loaded family's
+    # UNet at start-up (absolute, or relative to root). None: no LoRA.
+    lora: Optional[str] = None
 
     def path(self, name: str) -> Path:
         return Path(self.root) / getattr(self, name)
+
+    def lora_path(self) -> Optional[Path]:
+        return None if not self.lora else Path(self.root) / self.lora
 
 
 @dataclass
@@ -91,7 +98,7 @@ class VisualConfig:
 @dataclass
 class GenerationConfig:
     family: str = "auto"  # auto (paper profile: sd21 for image/noise, sd15+seg for mask/mix) | sd15 | sd21
-    scheduler: str = "dpmsolver++"  # ddpm | ddim | dpmsolver++ | unipc
+    scheduler: str = "dpmsolver++"  # ddpm | ddim | dpmsolver++ | unipc | lcm (2-8 steps, with an LCM-LoRA: models.lora)
     steps: int = 25
     guidance: float = 7.5
     strength: float = 0.8
@@ -231,6 +238,12 @@ class OnlineConfig:
     # Before its first step each trainer waits until its ring holds this many SASI (or every
     # producer has stopped): producers load models meanwhile. 0 = start at once.
     start_sasi: int = 0
+    # A run that asked for SASI and gets none stops (checkpoint written, every rank exits
+    # non-zero, the producers' errors in the message): when every producer has stopped with
+    # an error, or when no SASI reached any trainer this long after the producers reported
+    # their models loaded (a slow compile or engine build counts as loading, not as failing).
+    first_sasi_timeout_s: float = 900.0
+    allow_fallback_only: bool = False  # drills: go on with pool draws and classic second views instead
     # Fault-injection hooks for tests and drills (-1 = off): producer batch N raises inside
     # generation (caught, skipped); the producer loop itself raises after N batches.
     fault_batch: int = -1
@@ -238,6 +251,7 @@ class OnlineConfig:
     fault_producer: int = -1  # the two hooks above act on this producer id only (-1: every producer)
     fault_delay_s: float = 0.0  # producer `fault_delay_producer` sleeps this long before its first batch
     fault_delay_producer: int = -1  # (-1: every producer)
+    fault_load: bool = False  # producer `fault_producer` raises while loading its models
 
 
 @dataclass

@@ -11,3 +11,9 @@ class ModelFolderError(UserInputError):
 
 class CorruptImageError(UserInputError):
     """An image file that cannot be decoded."""
+
+
+class OnlineGenerationError(RuntimeError):
+    """An online run that asked for SASI and got none: every producer stopped with an error,
+    or none reached a trainer in time. The run stopped at a checkpoint (nothing lost); the
+    message names the producers' errors and how to resume."""

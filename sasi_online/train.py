@@ -16,10 +16,16 @@ from pathlib import Path
 
 if __package__ in (None, ""):
     # Run as a script (by a launcher): Python put this file's folder first on the path,
-    # where `ssl/` would shadow the standard library's ssl. Put the repository there instead.
-    _here = str(Path(__file__).resolve().parent)
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(_here)]
-    sys.path.insert(0, str(Path(_here).parent))
+    # where `ssl/` would shadow the standard library's ssl. Take it off, and the checkout's
+    # top folder too: its `kernels/` would shadow the Hugging Face package of that name,
+    # which transformers imports. The package is found where it is installed.
+    import importlib.util
+
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() not in (_here, _here.parent)]
+    if importlib.util.find_spec("sasi_online") is None:
+        sys.exit(f"train: error: the sasi_online package is not installed in this Python ({sys.executable}); "
+                 f"run `pip install -e .` in the checkout '{_here.parent}', then start the trainer again")
 
 import argparse
 import os
@@ -30,7 +36,7 @@ import numpy as np
 import torch
 
 from sasi_online.config import Config, load_config  # noqa: E402
-from sasi_online.errors import UserInputError  # noqa: E402
+from sasi_online.errors import OnlineGenerationError, UserInputError  # noqa: E402
 from sasi_online.utils import derive_seed, limit_threads  # noqa: E402
 
 
@@ -247,6 +253,9 @@ def run(args: argparse.Namespace) -> int:
     except NonFiniteLossError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
+    except OnlineGenerationError as exc:  # every rank: trainers and producers alike
+        print(f"error: rank {os.environ.get('RANK', '0')}: {exc}", file=sys.stderr)
+        return 4
     if os.environ.get("RANK", "0") != "0":
         return 0  # one summary line per launch
     summary = ", ".join(f"{k} {v:.4f}" for k, v in result.last_eval.items())

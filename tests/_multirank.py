@@ -5,13 +5,16 @@ import subprocess
 from pathlib import Path
 
 from sasi_online.commands._launch import free_port  # noqa: F401  (re-exported for the tests)
+from sasi_online.utils import child_env
 
 REPO = Path(__file__).resolve().parents[1]
 SHM = "/dev/shm"
 
 
 def cpu_env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
+    """The ranks find `sasi_online` where it is installed; nothing puts the checkout's top
+    folder on their path (its `kernels/` would shadow the Hugging Face package)."""
+    return child_env(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
 
 
 def run_ranks(cmd: list, timeout: float) -> tuple[int, str]:

@@ -228,7 +228,7 @@ def test_deepspeed_layout_is_resolved_and_a_config_mismatch_is_refused(tmp_path)
     training = pytest.importorskip("sasi_online.training.checkpoint")
     cfg = Config()
     cfg.method.name = "simsiam"
-    run, tag = tmp_path / "run", "step_0000010"
+    run, tag = tmp_path / "run", "global_step10"
     (run / "checkpoints" / tag).mkdir(parents=True)
     save_config(cfg, run / "config.yaml")
     torch.save({"module": {"w": torch.ones(3)}, "global_steps": 10},

@@ -16,9 +16,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-for p in (str(REPO), str(Path(__file__).resolve().parent)):
-    if p not in sys.path:
-        sys.path.insert(0, p)
+if str(Path(__file__).resolve().parent) not in sys.path:  # run as a worker script: tests/ for _multirank
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _multirank import free_port, run_ranks  # noqa: E402
 

@@ -11,14 +11,9 @@ from sasi_online.zoo import verify_zoo
 from sasi_online.zoo.micro import judge as judge_mod
 from sasi_online.zoo.micro import quality
 from sasi_online.zoo.micro.data import FOREGROUND_THRESHOLD, embedded_split, load_split
-from sasi_online.zoo.micro.ship import ASSETS, build_micro, shipped_manifest
+from sasi_online.zoo.micro.ship import ASSETS, shipped_manifest
 
 TRAINED = ("upernet", "blip2", "clip", "llama")
-
-
-@pytest.fixture(scope="module")
-def micro_zoo(tmp_path_factory):
-    return build_micro(tmp_path_factory.mktemp("micro") / "micro-zoo")
 
 
 @pytest.fixture(scope="module")

@@ -57,9 +57,10 @@ def _check_accounting(out, step, micro_steps, trainers=(0, 1), producers=(2,)):
 
 
 # Producer batch 0 fails (caught, skipped); after 10 batches the producer loop itself raises:
-# the producer stops mid-run, and the trainers finish, checkpoint and end on pool draws and
+# the producer stops mid-run, and, as a drill (online.allow_fallback_only: no producer left
+# would otherwise stop the run), the trainers finish, checkpoint and end on pool draws and
 # classic views. The resumed launch runs the same config (same faults) from step 8.
-FAULTS = ["online.fault_batch=0", "online.fault_loop_after=10"]
+FAULTS = ["online.fault_batch=0", "online.fault_loop_after=10", "online.allow_fallback_only=true"]
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ takes seconds; everything else (DeepSpeed engine, pairs, augmentation, checkpoin
 the production path.
 """
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,8 +14,6 @@ import torch
 import torch.nn as nn
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 from sasi_online.config import config_from_dict  # noqa: E402
 from sasi_online.errors import UserInputError  # noqa: E402

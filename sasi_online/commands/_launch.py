@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -23,8 +22,10 @@ def launch_train(config: str, ranks: int, overrides: list[str]) -> dict:
     online_summary.json (plus the paths of its plots) when it wrote one."""
     if importlib.util.find_spec("deepspeed") is None:
         raise UserInputError("the deepspeed launcher is not installed: pip install deepspeed")
-    repo = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    from sasi_online.utils import child_env
+
+    package = Path(__file__).resolve().parents[1]
+    env = child_env(OMP_NUM_THREADS="1")  # the ranks import the installed package, nothing from the checkout's top
     try:
         import torch
 
@@ -39,7 +40,7 @@ def launch_train(config: str, ranks: int, overrides: list[str]) -> dict:
         pass
     # the `deepspeed` command, run through this interpreter so that PATH does not matter
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(free_port()),
-           str(repo / "sasi_online" / "train.py"), "--config", config, *overrides]
+           str(package / "train.py"), "--config", config, *overrides]
     print("$ " + " ".join(cmd), flush=True)
     code = subprocess.call(cmd, env=env, stdout=sys.stdout, stderr=sys.stderr)
     if code:

@@ -1,14 +1,19 @@
 """`sasi export`: the trained backbone for downstream tools.
 
     sasi export runs/in100/checkpoints --format torchvision --out r50.pth
-    sasi export runs/in100/checkpoints --format timm --out r50_timm.pth
-    sasi export runs/in100/checkpoints --format detectron2 --out r50_d2.pkl
+    sasi export runs/in100/checkpoints --tag global_step1000 --format timm --out r50_timm.pth
+    sasi export consolidated/pytorch_model.bin --config runs/in100/config.yaml --format detectron2 --out r50_d2.pkl
+
+CHECKPOINT is a checkpoint folder (its latest tag, or --tag), a tag folder, the
+`mp_rank_00_model_states.pt` file, or a consolidated fp32 state dict (DeepSpeed's
+`zero_to_fp32` output) with the run's config beside it or given by --config.
 
 - torchvision: the ResNet state dict without `fc` (the classifier is the new task's):
   `net = torchvision.models.resnet50(); net.load_state_dict(sd, strict=False)` reports
   only fc.weight / fc.bias missing.
-- timm: `{"state_dict": ..., "arch": ...}`, loaded by
-  `timm.create_model("resnet50", num_classes=0, checkpoint_path=FILE)`.
+- timm: the plain state dict timm's ResNet of that arch takes with `strict=True`:
+  `m = timm.create_model("resnet50", num_classes=0); m.load_state_dict(torch.load(FILE))`
+  (or `checkpoint_path=FILE`).
 - detectron2: the pickle MoCo's detection conversion writes (`{"model": {name: numpy
   array}, "__author__", "matching_heuristics": True}`) with detectron2's ResNet names
   (stem.conv1, res2..res5, convK.norm, shortcut), for `MODEL.WEIGHTS FILE` in an R50-C4
@@ -34,18 +39,26 @@ FORMATS = ("torchvision", "timm", "detectron2")
 
 def add_arguments(parser) -> None:
     parser.add_argument("checkpoint", metavar="CHECKPOINT",
-                        help="a checkpoint `sasi train` wrote: the file, its checkpoint folder or a tag folder")
+                        help="a checkpoint `sasi train` wrote: its checkpoint folder, a tag folder, the "
+                             "model-states file, or a consolidated fp32 state dict (zero_to_fp32's "
+                             "pytorch_model.bin / model.safetensors)")
+    parser.add_argument("--tag", help="the DeepSpeed tag to export from a checkpoint folder, e.g. "
+                                      "global_step1000 (default: the latest)")
+    parser.add_argument("--config", help="the run's config.yaml, for a consolidated state dict that has "
+                                         "none beside it or in the two folders above")
     parser.add_argument("--format", required=True, choices=FORMATS,
-                        help="torchvision: ResNet state dict (no fc); timm: timm checkpoint; "
+                        help="torchvision: ResNet state dict (no fc); timm: the state dict of timm's "
+                             "ResNet (num_classes=0, strict=True); "
                              "detectron2: MoCo-style .pkl for detection fine-tuning")
     parser.add_argument("--out", required=True, metavar="FILE", help="the file to write (atomically)")
 
 
-def backbone_state(checkpoint: str | Path) -> tuple[dict, object]:
+def backbone_state(checkpoint: str | Path, tag: str | None = None,
+                   config: str | Path | None = None) -> tuple[dict, object]:
     """(the online backbone's state dict on the CPU, the run's Config)."""
     from sasi_online.eval.checkpoint_loader import load_encoder
 
-    method, cfg = load_encoder(checkpoint)
+    method, cfg = load_encoder(checkpoint, tag=tag, config=config)
     if not cfg.method.backbone.startswith("resnet"):
         raise UserInputError(f"checkpoint '{checkpoint}' has a {cfg.method.backbone} backbone; "
                              "`sasi export` writes ResNets (method.backbone=resnet18|resnet50|resnet101)")
@@ -58,9 +71,9 @@ def to_torchvision(state: dict) -> dict:
     return dict(state)
 
 
-def to_timm(state: dict, arch: str, small_stem: bool) -> dict:
-    """timm's ResNets name their weights as torchvision does; the checkpoint says which arch."""
-    return {"state_dict": dict(state), "arch": arch, "num_classes": 0, "small_stem": small_stem}
+def to_timm(state: dict) -> dict:
+    """timm's ResNets name their weights as torchvision does (no fc: num_classes=0)."""
+    return dict(state)
 
 
 _STAGE = re.compile(r"^layer([1-4])\.")
@@ -89,18 +102,19 @@ def to_detectron2(state: dict, small_stem: bool) -> dict:
     return {"model": model, "__author__": "sasi_online", "matching_heuristics": True}
 
 
-def export(checkpoint: str | Path, fmt: str, out: str | Path) -> dict:
+def export(checkpoint: str | Path, fmt: str, out: str | Path, tag: str | None = None,
+           config: str | Path | None = None) -> dict:
     """Write the backbone of `checkpoint` as `fmt` to `out`; returns a summary."""
     from sasi_online.utils import atomic_write_bytes
 
     if fmt not in FORMATS:
         raise UserInputError(f"--format must be one of {', '.join(FORMATS)}, got '{fmt}'")
-    state, cfg = backbone_state(checkpoint)
+    state, cfg = backbone_state(checkpoint, tag, config)
     small_stem = bool(cfg.method.small_stem)
     if fmt == "detectron2":
         data = pickle.dumps(to_detectron2(state, small_stem), protocol=4)  # numpy arrays as MoCo writes them
     else:
-        blob = to_torchvision(state) if fmt == "torchvision" else to_timm(state, cfg.method.backbone, small_stem)
+        blob = to_torchvision(state) if fmt == "torchvision" else to_timm(state)
         buf = io.BytesIO()
         torch.save(blob, buf)
         data = buf.getvalue()
@@ -114,13 +128,13 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path) -> dict:
 _HOW = {
     "torchvision": "net = torchvision.models.{arch}(); net.load_state_dict(torch.load('{out}'), strict=False)"
                    "  # only fc.* missing",
-    "timm": "timm.create_model('{arch}', num_classes=0, checkpoint_path='{out}')",
+    "timm": "m = timm.create_model('{arch}', num_classes=0); m.load_state_dict(torch.load('{out}'))  # strict",
     "detectron2": "train_net.py --config-file <R50-C4 config> MODEL.WEIGHTS {out}",
 }
 
 
 def run(args) -> int:
-    info = export(args.checkpoint, args.format, args.out)
+    info = export(args.checkpoint, args.format, args.out, tag=args.tag, config=args.config)
     print(f"wrote {info['out']}: {info['backbone']} backbone, {info['keys']} tensors, "
           f"{info['bytes'] / 2 ** 20:.1f} MiB, {info['format']} format")
     print("load with: " + _HOW[info["format"]].format(arch=info["backbone"], out=info["out"]))

@@ -16,6 +16,15 @@ from typing import Any, Optional, Protocol
 import numpy as np
 
 HIT, FISHY, MISSING = "hit", "fishy", "missing"
+# outcomes that paired a sample with a SASI: the store's hit, and the online ring's own
+# (online/ring_source.py: a ring hit, a pool draw, a store SASI behind the ring)
+PAIRED = (HIT, "ring_hit", "pool_draw", "store")
+
+
+def sasi_pair_rate(outcomes: dict) -> Optional[float]:
+    """The fraction of samples that were paired with a SASI; None when none asked for one."""
+    total = sum(int(v) for v in outcomes.values())
+    return sum(int(outcomes.get(k, 0)) for k in PAIRED) / total if total else None
 # SASI made from the caption alone (pure-noise start, no ControlNet)
 CAPTION_ONLY_KINDS = ("noise", "direct")
 

@@ -2,8 +2,10 @@
 
 Accepted layouts (weights only, never pickled code: `torch.load(weights_only=True)`):
 - a file holding `{"config": <Config as dict>, "model": <method state dict>}`;
+- a consolidated state dict (names -> tensors: DeepSpeed's `zero_to_fp32` output,
+  `pytorch_model.bin` or `model.safetensors`), its config beside it or passed in;
 - a DeepSpeed checkpoint (`sasi train`): its folder (with `latest.json` or DeepSpeed's
-  `latest` tag file), a tag folder, or the `mp_rank_00_model_states.pt` file itself; the
+  `latest` tag file, or a tag named), a tag folder, or the `mp_rank_00_model_states.pt` file itself; the
   state dict is under "module"; the config under "config" (client state) or, failing
   that, in the nearest `config.yaml` of the tag folder, the checkpoint folder or the run
   folder. A tag folder's `meta.json` config hash is checked against that config.
@@ -36,7 +38,7 @@ def _latest_tag(folder: Path) -> str | None:
             return str(json.loads((folder / "latest.json").read_text(encoding="utf-8"))["tag"])
         except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
             raise CheckpointError(f"'{folder / 'latest.json'}' is damaged (expected {{\"tag\": ...}}); "
-                                  "pass a tag folder such as step_0000100 instead") from None
+                                  "pass a tag folder such as global_step100 instead") from None
     if (folder / "latest").is_file():
         return (folder / "latest").read_text(encoding="utf-8").strip()
     return None
@@ -74,9 +76,16 @@ def _check_meta_hash(file: Path, cfg: Config, source: Path) -> None:
                               "wrote it")
 
 
-def resolve_checkpoint_file(path: str | Path) -> Path:
-    """The file that holds the weights, for a file path or a DeepSpeed folder / tag folder."""
+def resolve_checkpoint_file(path: str | Path, tag: str | None = None) -> Path:
+    """The file that holds the weights, for a file path or a DeepSpeed folder / tag folder
+    (`tag`: that DeepSpeed tag of the checkpoint folder, e.g. global_step100)."""
     path = Path(path).expanduser()
+    if tag is not None:
+        if not (path / tag / MODEL_STATES).is_file():
+            have = sorted(p.name for p in path.glob("*") if (p / MODEL_STATES).is_file()) if path.is_dir() else []
+            raise CheckpointError(f"checkpoint folder '{path}' has no tag '{tag}' ({path / tag / MODEL_STATES} "
+                                  f"is missing); its tags: {', '.join(have) or 'none'}")
+        return path / tag / MODEL_STATES
     if path.is_file():
         return path
     if path.is_dir():
@@ -105,14 +114,39 @@ def run_folder(file: Path) -> Path:
     return folder.parent if folder.name in ("checkpoints", "ckpt", "ckpts") else folder
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict, Config, Path]:
-    """(state dict, Config, file) from a checkpoint, with clear errors for bad files."""
-    file = resolve_checkpoint_file(path)
+def _load_blob(file: Path):
+    if file.suffix == ".safetensors":  # zero_to_fp32 --safe_serialization
+        from safetensors.torch import load_file
+
+        return load_file(str(file), device="cpu")
+    # Importing DeepSpeed takes seconds: only its own files need its enums allowed.
+    allowed = deepspeed_safe_globals() if file.name == MODEL_STATES else []
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(file, map_location="cpu", weights_only=True)
+
+
+class ConsolidatedState(dict):
+    """A state dict consolidated by DeepSpeed's zero_to_fp32: the trained parameters (and
+    buffers); untrained state (momentum targets, queues) may be absent."""
+
+
+def _untrained_names(method: torch.nn.Module) -> set:
+    frozen = {n for n, p in method.named_parameters() if not p.requires_grad}
+    return frozen | {n for n, _ in method.named_buffers()}
+
+
+def _is_flat_state_dict(blob: dict) -> bool:
+    """A consolidated state dict (DeepSpeed's zero_to_fp32 output): names -> tensors only."""
+    return bool(blob) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in blob.items())
+
+
+def read_checkpoint(path: str | Path, tag: str | None = None,
+                    config: str | Path | None = None) -> tuple[dict, Config, Path]:
+    """(state dict, Config, file) from a checkpoint, with clear errors for bad files.
+    `config`: the run's config.yaml, for a file that carries none and has none nearby."""
+    file = resolve_checkpoint_file(path, tag)
     try:
-        # Importing DeepSpeed takes seconds: only its own files need its enums allowed.
-        allowed = deepspeed_safe_globals() if file.name == MODEL_STATES else []
-        with torch.serialization.safe_globals(allowed):
-            blob = torch.load(file, map_location="cpu", weights_only=True)
+        blob = _load_blob(file)
     except Exception as exc:  # truncated zip, random bytes, a pickle with code objects ...
         raise CheckpointError(
             f"checkpoint '{file}' cannot be read as a weights-only torch file "
@@ -122,10 +156,17 @@ def read_checkpoint(path: str | Path) -> tuple[dict, Config, Path]:
         raise CheckpointError(f"checkpoint '{file}' holds a {type(blob).__name__}, expected a dict "
                               "with 'config' and 'model' entries")
     state_key = next((k for k in STATE_KEYS if isinstance(blob.get(k), dict)), None)
+    if state_key is None and _is_flat_state_dict(blob):
+        blob, state_key = {"model": ConsolidatedState(blob)}, "model"
     if state_key is None:
         raise CheckpointError(f"checkpoint '{file}' holds no model state dict (one of {list(STATE_KEYS)}); "
                               f"its keys are {sorted(map(str, blob))[:10]}")
-    if isinstance(blob.get("config"), dict):
+    if config is not None:
+        try:
+            cfg, source = load_config(config), Path(config)
+        except ConfigError as exc:
+            raise CheckpointError(f"--config '{config}' cannot be used for checkpoint '{file}': {exc}") from None
+    elif isinstance(blob.get("config"), dict):
         try:
             cfg, source = config_from_dict(blob["config"]), file
         except ConfigError as exc:
@@ -136,16 +177,17 @@ def read_checkpoint(path: str | Path) -> tuple[dict, Config, Path]:
         found = _config_beside(file)
         if found is None:
             raise CheckpointError(f"checkpoint '{file}' carries no 'config' entry and no config.yaml "
-                                  "sits in its folder or the two above; copy the run's config.yaml "
-                                  "next to it")
+                                  "sits in its folder or the two above; pass the run's config "
+                                  "(--config RUN/config.yaml) or copy it next to the file")
         cfg, source = found
     _check_meta_hash(file, cfg, source)
     return blob[state_key], cfg, file
 
 
-def load_encoder(checkpoint_path: str | Path, device: str | torch.device = "cpu"):
+def load_encoder(checkpoint_path: str | Path, device: str | torch.device = "cpu", tag: str | None = None,
+                 config: str | Path | None = None):
     """(method in eval mode on `device`, its Config). `method.encode(x)` gives features."""
-    state, cfg, file = read_checkpoint(checkpoint_path)
+    state, cfg, file = read_checkpoint(checkpoint_path, tag, config)
     try:
         from sasi_online.ssl import build_method
     except ImportError as exc:
@@ -158,7 +200,7 @@ def load_encoder(checkpoint_path: str | Path, device: str | torch.device = "cpu"
                               f"build ({exc})") from None
     # DeepSpeed saves from a wrapper in some set-ups: strip a leading "module." if every key has it.
     if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = type(state)({k[len("module."):]: v for k, v in state.items()})
     try:
         result = method.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches raise even when strict=False
@@ -166,11 +208,20 @@ def load_encoder(checkpoint_path: str | Path, device: str | torch.device = "cpu"
                               f"(method.name={cfg.method.name}, method.backbone={cfg.method.backbone}): "
                               f"{str(exc).splitlines()[-1].strip()[:300]}. Was the file written with "
                               "another config?") from None
-    if result.missing_keys or result.unexpected_keys:
+    missing = list(result.missing_keys)
+    if isinstance(state, ConsolidatedState) and set(missing) <= _untrained_names(method):
+        if missing:
+            import logging
+
+            logging.getLogger(__name__).info(
+                "checkpoint '%s': %d untrained entries (momentum targets, queues) are not in the "
+                "consolidated file and keep their initial values", file, len(missing))
+        missing = []
+    if missing or result.unexpected_keys:
         raise CheckpointError(
             f"checkpoint '{file}' does not match the model its config describes "
             f"(method.name={cfg.method.name}, method.backbone={cfg.method.backbone}): "
-            f"missing {len(result.missing_keys)} keys (e.g. {result.missing_keys[:3]}), "
+            f"missing {len(missing)} keys (e.g. {missing[:3]}), "
             f"unexpected {len(result.unexpected_keys)} (e.g. {result.unexpected_keys[:3]}). "
             "Was the file written with another config?")
     return method.to(device).eval(), cfg

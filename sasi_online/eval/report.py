@@ -73,6 +73,11 @@ def _fmt(v: float | None) -> str:
     return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.1f}"
 
 
+def _fmt_rate(rate: float | None) -> str:
+    """SASI pairs: the share of training samples paired with a SASI (— for none asked)."""
+    return "—" if rate is None else f"{100 * rate:.0f} %"
+
+
 def _fmt_delta(a: float | None, b: float | None) -> str:
     if a is None or b is None:
         return "—"
@@ -90,15 +95,18 @@ def render_markdown(names: Sequence[str], runs: Sequence[dict]) -> str:
     for label, vals in rows:
         cells = [label, *map(_fmt, vals)] + [_fmt_delta(vals[0], v) for v in vals[1:]]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "## Runs", "", "| Run | Method | Backbone | Pair mode | Dataset | kNN k / T | Checkpoint |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "## Runs", "",
+              "| Run | Method | Backbone | Pair mode | SASI pairs | Dataset | kNN k / T | Checkpoint |",
+              "|---|---|---|---|---:|---|---|---|"]
     for n, r in zip(names, runs):
         knn = r.get("results", {}).get("knn", {})
         lines.append(f"| {n} | {r.get('method', '—')} | {r.get('backbone', '—')} | {r.get('pair_mode', '—')} "
-                     f"| {r.get('dataset', '—')} | {knn.get('k', '—')} / {knn.get('t', '—')} "
-                     f"| `{r.get('checkpoint', '—')}` |")
+                     f"| {_fmt_rate(r.get('sasi_pair_rate'))} | {r.get('dataset', '—')} "
+                     f"| {knn.get('k', '—')} / {knn.get('t', '—')} | `{r.get('checkpoint', '—')}` |")
     notes = [f"- {n}: incomplete (interrupted evaluation; re-run `sasi eval` to finish)"
              for n, r in zip(names, runs) if not r.get("complete", True)]
+    notes += [f"- {n}: **no SASI reached this run** (SASI pairs 0 %): it trained on real views only"
+              for n, r in zip(names, runs) if r.get("sasi_pair_rate") == 0]
     if notes:
         lines += ["", *notes]
     lines += ["", "Linear: logistic regression on standardised frozen features. KNN: weighted "

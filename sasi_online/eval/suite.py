@@ -157,6 +157,19 @@ def _num_classes(ds, *labels: torch.Tensor) -> int:
     return int(max(int(t.max()) for t in labels if len(t))) + 1
 
 
+def _sasi_pair_rate(ckpt_file: Path) -> float | None:
+    """The fraction of training samples paired with a SASI up to this checkpoint, over every
+    trainer (their `client_rank*.json` beside it); None for a run that asked for none."""
+    from collections import Counter
+
+    from sasi_online.data.sasi_source import sasi_pair_rate
+
+    outcomes: Counter = Counter()
+    for client in sorted(Path(ckpt_file).parent.glob("client_rank*.json")):
+        outcomes.update(json.loads(client.read_text(encoding="utf-8")).get("sasi_outcomes") or {})
+    return sasi_pair_rate(outcomes)
+
+
 def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path | None = None,
                         overrides: Sequence[str] | None = None, transfer: Sequence[str] = (),
                         run_name: str | None = None) -> dict:
@@ -190,7 +203,8 @@ def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path | None = Non
     header = {"schema": SCHEMA, "run": run_name or run_folder(ckpt_file).name, "checkpoint": str(ckpt_file),
               "checkpoint_sha256": ckpt_sha, "fingerprint": fingerprint, "dataset": cfg.data.name,
               "method": cfg.method.name, "backbone": cfg.method.backbone,
-              "pair_mode": cfg.train.pair_mode, "eval": dataclasses.asdict(ev)}
+              "pair_mode": cfg.train.pair_mode, "sasi_pair_rate": _sasi_pair_rate(ckpt_file),
+              "eval": dataclasses.asdict(ev)}
 
     def open_split(data_cfg: DataConfig, split: str, transfer_name: str | None = None):
         # ImageNet-style folders have train/val, the array datasets train/test.

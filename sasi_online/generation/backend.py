@@ -62,6 +62,15 @@ def _compile_mode(gen_cfg: Any, device_type: str) -> str:
     return compile_mode_for(device_type, getattr(gen_cfg, "compile_mode", "auto"))[0]
 
 
+def weights_identity(fam: Any) -> str:
+    """The identity of the UNet weights a family runs (its folder, plus a fused LoRA): exports
+    and engines are cached under it, one per fused weight set, so switching a LoRA on or off
+    finds its own engine instead of replacing the other's."""
+    from sasi_online.zoo import model_hash
+
+    return model_hash(fam.folder, getattr(fam, "variant", None), getattr(fam, "lora_file", None))
+
+
 def build_backend(gen_cfg: Any, fam: Any) -> Callable:
     """The UNet backend for family `fam`, as `generation.backend` asks."""
     from sasi_online.engines.backends import BackendRequest, select_backend
@@ -81,7 +90,7 @@ def build_backend(gen_cfg: Any, fam: Any) -> Callable:
     batch = 2 * gen_cfg.batch_size if gen_cfg.guidance > 1.0 else gen_cfg.batch_size
     # padded batches: one static profile per (batch, resolution), so TensorRT captures CUDA graphs
     low = batch if pads_batches(gen_cfg) else 1
-    engine_dir = Path(gen_cfg.engine_dir) / fam.name if gen_cfg.engine_dir else None
+    engine_dir = Path(gen_cfg.engine_dir) / fam.name / weights_identity(fam) if gen_cfg.engine_dir else None
     request = BackendRequest(engine_dir=engine_dir, batch=(low, batch, batch), height=(res, res, res),
                              width=(res, res, res), text_len=fam.tokenizer.model_max_length,
                              vae_factor=fam.vae_scale_factor)

@@ -51,6 +51,7 @@ class Family:
     image_processor: Any = None
     control_image_processor: Any = None
     variant: Optional[str] = None  # weight variant asked for (models.variant)
+    lora_file: Optional[Path] = None  # the LoRA fused into the UNet at load (models.lora)
     _controlnet: Optional[Any] = field(default=None, repr=False)
     on_controlnet_load: Optional[Any] = field(default=None, repr=False)  # e.g. set its attention
 
@@ -70,6 +71,21 @@ class Family:
             if self.on_controlnet_load is not None:
                 self.on_controlnet_load(self._controlnet)
         return self._controlnet
+
+
+def _fuse_lora(models_cfg: Any, name: str, folder: Path, unet: Any, text_encoder: Any, tokenizer: Any,
+               vae: Any, scheduler_config: dict) -> Optional[Path]:
+    """models.lora, checked against this family's UNet and fused into it before anything else
+    (attention fusing, channels_last, compiling) sees the UNet; None without a LoRA."""
+    path = models_cfg.lora_path() if hasattr(models_cfg, "lora_path") else None
+    if path is None:
+        return None
+    from sasi_online.zoo.lora import fuse_lora, require_lora_file
+
+    file = require_lora_file(path)
+    fuse_lora(file, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae,
+              scheduler_config=scheduler_config, family=name, unet_folder=folder / "unet")
+    return file
 
 
 def load_family(name: str, models_cfg: Any, device: Any, dtype: Any) -> Family:
@@ -95,11 +111,12 @@ def load_family(name: str, models_cfg: Any, device: Any, dtype: Any) -> Family:
     vae = AutoencoderKL.from_pretrained(str(folder / "vae"), torch_dtype=dtype, **kw,
                                         **sd_component_kwargs(folder, "vae", variant))
     scheduler_config = dict(DDIMScheduler.load_config(str(folder / "scheduler"), **kw))
+    lora = _fuse_lora(models_cfg, name, folder, unet, text_encoder, tokenizer, vae, scheduler_config)
     fam = Family(
         name=name, folder=folder, controlnet_folder=models_cfg.path(cn_field), tokenizer=tokenizer,
         text_encoder=text_encoder.to(device).eval(), unet=unet.to(device).eval(),
         vae=vae.to(device).eval(), scheduler_config=scheduler_config, device=device, dtype=dtype,
-        variant=variant,
+        variant=variant, lora_file=lora,
     )
     # diffusers' own processors, so resizing/normalising matches its pipelines exactly
     fam.image_processor = VaeImageProcessor(vae_scale_factor=fam.vae_scale_factor)

@@ -24,7 +24,7 @@ from sasi_online.utils import derive_seed, to_uint8_hwc
 from . import loop
 from .backend import apply_attention, build_backend, build_decoder, pads_batches, prepare_module
 from .families import Family, family_for, load_family
-from .schedulers import SCHEDULER_NAMES
+from .schedulers import SCHEDULER_NAMES, check_steps
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,7 @@ class SASIGenerator:
                                  f"use one of {', '.join(SCHEDULER_NAMES)}")
         if gen_cfg.steps < 1:
             raise UserInputError(f"generation.steps must be >= 1, got {gen_cfg.steps}")
+        check_steps(gen_cfg.scheduler, gen_cfg.steps)
         if not 0.0 < gen_cfg.strength <= 1.0:
             raise UserInputError(f"generation.strength must be in (0, 1], got {gen_cfg.strength}")
         if gen_cfg.batch_size < 1:

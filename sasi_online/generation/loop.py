@@ -128,7 +128,45 @@ def guided_step(scheduler: Any, noise_pred: torch.Tensor, t: Any, latents: torch
     if noise_pred.shape[0] == 2 * latents.shape[0]:
         uncond, cond = noise_pred.chunk(2)
         noise_pred = uncond + guidance * (cond - uncond)
+    if noise is not None and is_lcm(scheduler):
+        return lcm_step(scheduler, noise_pred, t, latents, noise)
     return scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
+
+
+def is_lcm(scheduler: Any) -> bool:
+    from diffusers import LCMScheduler
+
+    return isinstance(scheduler, LCMScheduler)
+
+
+def lcm_step(scheduler: Any, model_output: torch.Tensor, t: Any, sample: torch.Tensor,
+             noise: torch.Tensor) -> torch.Tensor:
+    """diffusers' `LCMScheduler.step` with its noise drawn ahead (`step_noise`): the same
+    boundary-condition scalings, x0 prediction and re-noising, read from the scheduler's CPU
+    tables, so nothing waits for the device. Returns the next sample (the denoised one at the
+    last step, as the scheduler does)."""
+    if scheduler.step_index is None:
+        scheduler._init_step_index(t)
+    i, timesteps = scheduler.step_index, scheduler.timesteps
+    prev_t = timesteps[i + 1] if i + 1 < len(timesteps) else t
+    a_t = scheduler.alphas_cumprod[t]
+    a_prev = scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod
+    c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(t)
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        x0 = (sample - (1 - a_t).sqrt() * model_output) / a_t.sqrt()
+    elif kind == "v_prediction":
+        x0 = a_t.sqrt() * sample - (1 - a_t).sqrt() * model_output
+    else:
+        x0 = model_output
+    if scheduler.config.thresholding:
+        x0 = scheduler._threshold_sample(x0)
+    elif scheduler.config.clip_sample:
+        x0 = x0.clamp(-scheduler.config.clip_sample_range, scheduler.config.clip_sample_range)
+    denoised = c_out * x0 + c_skip * sample
+    last = i == scheduler.num_inference_steps - 1
+    scheduler._step_index += 1
+    return denoised if last else a_prev.sqrt() * denoised + (1 - a_prev).sqrt() * noise
 
 
 def denoise_step(backend: Callable[..., torch.Tensor], scheduler: Any, latents: torch.Tensor, t: Any,
@@ -161,16 +199,21 @@ def step_noise(scheduler: Any, timesteps: torch.Tensor, latents: torch.Tensor, e
     """The fused DDPM step's noise for every step, drawn ahead on the CPU from the per-image
     generators (the same draws, in the same order, as diffusers' step makes) and uploaded in
     one copy: otherwise each step would copy its noise from pageable host memory, which
-    waits for the device. None when no step draws (DPM-Solver++, UniPC, DDIM with eta 0)."""
+    waits for the device. LCM's re-noising draws come ahead the same way. None when no step
+    draws (DPM-Solver++, UniPC, DDIM with eta 0)."""
     from diffusers import DDPMScheduler
 
     gens = extra.get("generator")
-    if not (fused and gens is not None and isinstance(scheduler, DDPMScheduler)
-            and fused_step_problem(scheduler) is None):
+    ddpm = fused and isinstance(scheduler, DDPMScheduler) and fused_step_problem(scheduler) is None
+    if gens is None or not (ddpm or is_lcm(scheduler)):
         return None
     cpu = torch.device("cpu")
+    if ddpm:
+        drawn = [int(t) > 0 for t in timesteps]
+    else:  # LCM re-noises after every step but the schedule's last
+        drawn = [k < len(timesteps) - 1 for k in range(len(timesteps))]
     draws = [randn_tensor(tuple(latents.shape), generator=gens, device=cpu, dtype=latents.dtype)
-             if int(t) > 0 else torch.zeros(tuple(latents.shape), dtype=latents.dtype) for t in timesteps]
+             if d else torch.zeros(tuple(latents.shape), dtype=latents.dtype) for d in drawn]
     stacked = torch.stack(draws)
     return latents.new_empty(stacked.shape).copy_(stacked)
 

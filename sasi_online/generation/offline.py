@@ -80,6 +80,12 @@ def model_hashes(cfg: Any, kind: str, text_folders: list[str], store_path: Any =
         names.append("segmenter")
     variant = getattr(cfg.models, "variant", None)
     hashes = {getattr(cfg.models, n): model_hash(cfg.models.path(n), variant) for n in names}
+    lora = cfg.models.lora_path() if hasattr(cfg.models, "lora_path") else None
+    if lora is not None:  # the UNet runs with the LoRA fused in: that is its identity
+        from sasi_online.zoo.identity import with_lora
+        from sasi_online.zoo.lora import require_lora_file
+
+        hashes[getattr(cfg.models, base)] = with_lora(hashes[getattr(cfg.models, base)], require_lora_file(lora))
     if store_path is not None:
         hashes = _keep_legacy_identities(Path(store_path), hashes, {getattr(cfg.models, n): cfg.models.path(n)
                                                                     for n in names})

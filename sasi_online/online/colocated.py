@@ -131,6 +131,9 @@ class ColocatedFeed:
     def idle(self) -> bool:
         return self._idle
 
+    def models_loaded(self) -> bool:
+        return self.factory.loaded
+
     # ------------------------------------------------------------------ checkpoints
     def quiet_point(self, k: int, take: Callable[[Any], None]) -> None:
         return None  # nothing in flight: SASI reach the ring in the batch that made them

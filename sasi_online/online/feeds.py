@@ -4,6 +4,7 @@ A feed is what `OnlineTrainer` (ring_source.py) polls; the co-located feed (colo
 has the same methods:
   poll(m)              SasiBatches that are ready now (never blocks)
   exhausted            no more SASI will come (every producer stopped)
+  models_loaded()      a producer reported its models loaded (health.py's clock starts)
   idle                 nothing ready and nothing in progress this instant (start-up wait)
   quiet_point(k, ...)  before checkpoint k: take everything producers sent before it
   save_state / load_state   this trainer's producer-side state in a checkpoint folder
@@ -44,6 +45,9 @@ class LaunchedFeed:
     @property
     def idle(self) -> bool:
         return True  # producers work in other processes: the caller sleeps a little
+
+    def models_loaded(self) -> bool:
+        return any(s.get("models_loaded") for s in self.producer_stats())
 
     def quiet_point(self, k: int, take: Callable[[Any], None]) -> None:
         """Take exactly the messages each producer reported sending before checkpoint k

@@ -16,6 +16,8 @@ Faults: anything raised inside one batch (bad output, out of memory, injected) i
 logged and the batch is skipped. If the loop itself raises, the producer warns, sends
 STOP so trainers fall back to pool draws and classic views, and keeps answering the
 checkpoint protocol until the trainers finish, so the job still saves and ends cleanly.
+When no producer is left (or no SASI came in time) the trainers stop the run at a
+checkpoint (online/health.py) and every rank, this one included, exits with the error.
 Every wait here polls the job's key-value store without blocking: a slow peer (a long
 model load, a long batch) never runs a collective or a store read into its timeout.
 """
@@ -68,12 +70,16 @@ class SasiFactory:
         self.error: Optional[str] = None
         self.busy_s = 0.0
         self.t_start = time.perf_counter()
+        # models loaded and a first batch tried (lazy compiles and engine builds happen in it):
+        # from then on SASI should follow (health.py's first_sasi_timeout_s counts from here)
+        self.loaded = False
         self.store = None  # SasiStore when store.write_online
         self.generated_before = 0  # SASI made before a resume (the counters are the run's)
         o = cfg.online
         self.fail_batch = o.fault_batch if fault_applies(o.fault_producer, producer_id) else -1
         self.fail_loop_after = o.fault_loop_after if fault_applies(o.fault_producer, producer_id) else -1
         self.delay_s = o.fault_delay_s if fault_applies(o.fault_delay_producer, producer_id) else 0.0
+        self.fail_load = o.fault_load and fault_applies(o.fault_producer, producer_id)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -91,6 +97,8 @@ class SasiFactory:
         self.generated_before = self.counts["generated"]
 
     def load_models(self) -> None:
+        if self.fail_load:
+            raise InjectedFault("online.fault_load=true: injected failure while loading the producer's models")
         if self.maker is None:
             from .maker import SasiMaker
 
@@ -153,6 +161,7 @@ class SasiFactory:
             return None
         finally:
             self.busy_s += time.perf_counter() - t0
+            self.loaded = True
         self.counts["failed"] += len(made.failed)
         self.counts["generated"] += len(made)
         self._write_store(made)
@@ -165,8 +174,9 @@ class SasiFactory:
     def stopped_by(self, exc: Exception) -> None:
         self.error = f"{type(exc).__name__}: {exc}"
         log.error("%s stopped producing: %s", self.label, self.error, exc_info=True)
-        warnings.warn(f"{self.label} STOPPED producing ({self.error}); trainers go on "
-                      f"with pool draws and classic second views, checkpoints and the end still work")
+        warnings.warn(f"{self.label} STOPPED producing ({self.error}); the trainers go on with the other "
+                      f"producers' SASI, and with none left they stop the run at a checkpoint "
+                      f"(online.allow_fallback_only=true: they go on with classic second views)")
 
     def stats(self) -> dict:
         return {"generated": self.counts["generated"],
@@ -176,6 +186,7 @@ class SasiFactory:
                 "busy_s": self.busy_s, "wall_s": time.perf_counter() - self.t_start,
                 "lead": self.planner.lead, "skipped_steps": self.planner.skipped_steps,
                 "dropped_at_resume": self.counts["dropped_at_resume"],
+                "models_loaded": int(self.loaded),
                 "stopped": int(self.error is not None), "error": self.error or ""}
 
     def close_store(self) -> None:
@@ -329,8 +340,8 @@ class Producer(SasiFactory):
             self.loop()
         except Exception as exc:  # noqa: BLE001 - the job must go on without this producer
             self.stopped_by(exc)
+        self.coord.publish_stats(self.producer_id, self.stats())  # the error, before trainers see STOP
         self.sender.stop()  # trainers stop waiting for this producer
-        self.coord.publish_stats(self.producer_id, self.stats())
         while not self.coord.trainers_done():  # keep serving checkpoints
             self.serve_saves()
             time.sleep(self.coord.poll_s)
@@ -363,5 +374,10 @@ def run_producer(cfg: Any, roles: Any) -> dict:
     stats = producer.run()
     coord.wait_drained()  # every trainer has taken every message up to this producer's STOP
     sender.close()
+    failure = coord.failure()  # read before the end: the store's host leaves last
     coord.meet_at_end(roles.rank, roles.world_size)
+    if failure:
+        from sasi_online.errors import OnlineGenerationError
+
+        raise OnlineGenerationError(failure)
     return stats

@@ -12,7 +12,9 @@ producer busy with a long generation batch never stalls a trainer step:
 - `done`      each trainer reports the end of its steps; producers send STOP and finish;
 - `drained`   each trainer reports it took every message up to every producer's STOP;
 - `end`       every rank arrives; the first trainer (it hosts the store) leaves last;
-- stats       each producer publishes its counters (SASI made, failures, busy time) as JSON.
+- stats       each producer publishes its counters (SASI made, failures, busy time) as JSON;
+- `failure`   the first trainer's reason for stopping a run that gets no SASI (health.py):
+              every producer reads it at the end and exits with it.
 
 No wait here blocks: counters use `store.add(key, 0)` (a missing key reads as 0) and keys
 are checked before they are read, polled with a short sleep. A blocking `store.get` or a
@@ -105,6 +107,14 @@ class Coordination:
         if rank == 0:
             while int(self.store.add(f"{_P}/end/left", 0)) < world:
                 time.sleep(self.poll_s)
+
+    # ------------------------------------------------------------------ a failed run
+    def publish_failure(self, message: str) -> None:
+        self.store.set(f"{_P}/failure", message)
+
+    def failure(self) -> str:
+        key = f"{_P}/failure"
+        return self.store.get(key).decode("utf-8") if self.store.check([key]) else ""
 
     # ------------------------------------------------------------------ producer stats
     def publish_stats(self, producer: int, stats: dict) -> None:

@@ -32,10 +32,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from sasi_online.data.sasi_source import HIT, MISSING, SasiHit
+from sasi_online.data.sasi_source import HIT, MISSING, SasiHit, sasi_pair_rate
 from sasi_online.utils import derive_seed
 
 from .groups import trainer_device
+from .health import SupplyWatch, supply_problem
 from .ring import RingPool, to_device_index
 from .slots import REAL, SASI, make_slots, slot_shape
 
@@ -205,6 +206,8 @@ class OnlineTrainer:
         self.finished = False
         self.started = False
         self.start_wait_s = 0.0
+        self.watch = SupplyWatch(o)
+        self.failure = ""  # why the run stopped for want of SASI (health.py), "" when it did not
         self.metrics = OnlineMetrics(self)
         side = shape[1]
         print(f"online ({o.mode}): trainer rank {self.rank} ring of {o.ring_slots} slots x (SASI + real image) "
@@ -250,8 +253,10 @@ class OnlineTrainer:
         if self.is_main:
             self.coord.publish_step(m)
         t0 = time.perf_counter()
+        self.watch.start(int(self.counts["received"]))
         self.feed.start()
         want = min(self.cfg.online.start_sasi, self.ring.slots)
+        next_look = 0.0
         while int((self.ring.index >= 0).sum()) < want and not self.feed.exhausted:
             got = self.feed.poll(m, start=True)
             for batch in got:
@@ -260,8 +265,23 @@ class OnlineTrainer:
                 if self.cfg.online.mode == "colocated":
                     break  # nothing more to plan before the first step
                 time.sleep(0.01)
+                if time.perf_counter() >= next_look:  # producer stats: one store read a second
+                    next_look = time.perf_counter() + 1.0
+                    self.watch.note_loaded(self.feed.models_loaded())
+                    if self.watch.timed_out(int(self.counts["received"])):
+                        break  # the first log step stops the run (health.py)
         self.start_wait_s = time.perf_counter() - t0
         self.started = True
+
+    def supply_problem(self, final: bool) -> Optional[str]:
+        """Collective (control group): why this run gets no SASI, or None (health.py)."""
+        return supply_problem(self, final)
+
+    def fail(self, message: str) -> None:
+        """Stop for want of SASI: recorded in the summary, published for the producers."""
+        self.failure = message
+        if self.is_main:
+            self.coord.publish_failure(message)
 
     def before_micro_step(self, m: int) -> None:
         if self.is_main:
@@ -367,9 +387,11 @@ class OnlineTrainer:
 
         local = [self.source.counts[k] for k in OUTCOMES] + [self.counts["received"], len(self.backlog)]
         tot = control_reduce(local, "sum")
-        out = {"mode": self.cfg.online.mode,
-               "outcomes": {k: int(v) for k, v in zip(OUTCOMES, tot[:4].tolist())},
-               "sasi_received": int(tot[4]), "backlog": int(tot[5]), "producers": self.producer_stats()}
+        outcomes = {k: int(v) for k, v in zip(OUTCOMES, tot[:4].tolist())}
+        out = {"mode": self.cfg.online.mode, "outcomes": outcomes,
+               "sasi_pair_rate": sasi_pair_rate(outcomes) or 0.0,
+               "sasi_received": int(tot[4]), "backlog": int(tot[5]), "producers": self.producer_stats(),
+               "failure": self.failure}
         if module is not None:
             out["replica_max_abs_diff"] = replica_divergence(module, self.roles.trainer_group,
                                                              self.roles.trainer_ranks[0])

@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 _VOLATILE = {("train", k) for k in ("steps", "out", "log_every", "ckpt_every", "knn_every", "resume",
                                     "num_workers")} | {
     ("online", k) for k in ("fault_batch", "fault_loop_after", "fault_producer", "fault_delay_s",
-                            "fault_delay_producer", "plots")} | {("train", "dist_timeout_s")}
+                            "fault_delay_producer", "fault_load", "plots", "first_sasi_timeout_s",
+                            "allow_fallback_only")} | {("train", "dist_timeout_s")}
 KEEP_LAST = 2
 
 

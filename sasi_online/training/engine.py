@@ -85,6 +85,9 @@ def deepspeed_config(cfg, micro_batch: int, num_trainers: int) -> dict:
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
         "checkpoint": {"tag_validation": "Ignore"},
+        # DeepSpeed's throughput timer is on and synchronised by default: a device sync at
+        # every forward and step. The trainer logs images/s itself (train.log_every).
+        "timers": {"throughput": {"enabled": False, "synchronized": False}},
         # DeepSpeed 0.19 clips the global gradient norm to 1.0 unless told otherwise; no
         # recipe here does that (DINO's per-layer clip is the optimizer's optim.clip_grad)
         "gradient_clipping": 0.0,
@@ -92,7 +95,81 @@ def deepspeed_config(cfg, micro_batch: int, num_trainers: int) -> dict:
     if t.precision == "bf16":
         conf["bf16"] = {"enabled": True}
         conf["data_types"] = {"buffer_dtype": "bf16"}
-    return conf
+    return merge_user_config(conf, t.deepspeed)
+
+
+# DeepSpeed keys this project sets itself -> the config key that sets them. A user JSON that
+# names one is refused: DeepSpeed would act on it while the trainer's own state (its batch
+# sampler, its torch optimizer and schedule, its checkpoints) follows the project's value.
+OWNED_KEYS = {
+    "train_batch_size": "train.batch_size (per trainer) x train.grad_accum x trainers",
+    "train_micro_batch_size_per_gpu": "train.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "bf16": "train.precision", "fp16": "train.precision", "amp": "train.precision",
+    "data_types": "train.precision",
+    "optimizer": "optim.name and optim.* (the optimizer is built by the project and passed in)",
+    "scheduler": "optim.lr, optim.warmup_steps / optim.warmup_epochs and optim.min_lr (the schedule is the project's)",
+    "timers": "none: DeepSpeed's throughput timer syncs the device every step; train.log_every logs images/s",
+    "zero_optimization.stage": "train.zero_stage",
+    "checkpoint.tag_validation": "none: producers do not join DeepSpeed's tag validation; a resume checks "
+                                 "the config hash in meta.json instead",
+}
+
+
+def merge_user_config(conf: dict, user: dict, source: str = "train.deepspeed (--deepspeed_config)") -> dict:
+    """`user` (a DeepSpeed JSON's entries) merged over the generated `conf`, nested dicts key
+    by key. Keys in OWNED_KEYS are refused, all of them in one message."""
+    refused = []
+    for key, value in user.items():
+        if key in OWNED_KEYS:
+            refused.append((key, OWNED_KEYS[key]))
+        elif isinstance(value, dict):
+            refused += [(f"{key}.{k}", OWNED_KEYS[f"{key}.{k}"]) for k in value if f"{key}.{k}" in OWNED_KEYS]
+    if refused:
+        listed = "; ".join(f"'{k}' (set {where})" for k, where in refused)
+        raise UserInputError(f"{source}: the DeepSpeed config may not set {listed}. Remove "
+                             f"{'it' if len(refused) == 1 else 'them'} from the JSON; every other "
+                             f"DeepSpeed key is merged over the generated config")
+    out = dict(conf)
+    for key, value in user.items():
+        out[key] = {**out[key], **value} if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_user_config(path: str) -> dict:
+    """A DeepSpeed JSON file (`--deepspeed_config`), checked to be an object."""
+    import json
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserInputError(f"--deepspeed_config '{p}' does not exist; pass the path of a DeepSpeed "
+                             f"JSON file") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserInputError(f"--deepspeed_config '{p}' is not valid JSON ({exc}); fix the file") from None
+    if not isinstance(data, dict):
+        raise UserInputError(f"--deepspeed_config '{p}' holds a {type(data).__name__}; a DeepSpeed config "
+                             f"is a JSON object ({{\"zero_optimization\": {{...}}, ...}})")
+    return data
+
+
+def add_deepspeed_arguments(parser) -> None:
+    """DeepSpeed's own launcher flags (`deepspeed.add_config_arguments`): --deepspeed,
+    --deepspeed_config FILE (merged over the generated config, see merge_user_config)."""
+    quiet_deepspeed()
+    import deepspeed
+
+    deepspeed.add_config_arguments(parser)
+    for action in parser._actions:  # say what the merge does
+        if action.dest == "deepspeed_config":
+            action.help = ("a DeepSpeed JSON merged over the config the trainer generates (e.g. "
+                           "zero_optimization buckets, comms_logger). Refused, with the key to use "
+                           "instead: batch sizes, gradient accumulation, bf16/fp16/data_types, optimizer, "
+                           "scheduler, timers, zero_optimization.stage, checkpoint.tag_validation")
+        elif action.dest == "deepspeed":
+            action.help = "accepted for DeepSpeed's conventions; the trainer always runs DeepSpeed"
 
 
 def build_engine(method: torch.nn.Module, optimizer, scheduler, ds_config: dict, mpu: Any):

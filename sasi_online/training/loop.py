@@ -6,7 +6,8 @@
 Nothing in a step waits on the host: the loss sum and the finite flag (the first
 non-finite micro-step) stay on the trainer's device and are reduced over the trainers'
 gloo control group on log steps and before every checkpoint, where a non-finite value
-stops the run with the last good checkpoint kept.
+stops the run with the last good checkpoint kept. An online run that gets no SASI stops
+on a log step too, after writing a checkpoint (online/health.py).
 """
 from __future__ import annotations
 
@@ -279,6 +280,24 @@ def checkpoint_step(run: Run, done: int) -> None:
     run.source.checkpoint(run.ckpt_dir, done, done * run.cfg.train.grad_accum, save)
 
 
+def _stop_without_sasi(run: Run, done: int, last: int, saved: bool) -> None:
+    """Collective: an online run that asked for SASI and gets none stops here, after its
+    checkpoint, with the job's end protocol done so that every rank exits."""
+    from sasi_online.errors import OnlineGenerationError
+    from sasi_online.online.health import how_to_resume
+    from sasi_online.training import checkpoint as ckpt
+
+    problem = run.source.supply_problem(final=done == last)
+    if problem is None:
+        return
+    if not saved:
+        checkpoint_step(run, done)
+    message = how_to_resume(problem, done, str(run.ckpt_dir / ckpt.tag_of(done)))
+    run.source.fail(message)
+    run.source.finish(run.out if run.is_main else None, run.engine.module)
+    raise OnlineGenerationError(message)
+
+
 # ----------------------------------------------------------------------------- the loop
 def loop(run: Run, last: int, step_callback: Optional[Callable[[int, Any], None]] = None) -> None:
     from tqdm import tqdm
@@ -301,8 +320,11 @@ def loop(run: Run, last: int, step_callback: Optional[Callable[[int, Any], None]
             if run.monitor is not None and (done % t.knn_every == 0 or done == t.steps):
                 run.result.last_eval = run.monitor.evaluate(run.engine.module, run.engine.device, run.dtype)
                 run.logger.log(done, run.result.last_eval)
-            if done % t.ckpt_every == 0 or done == last:
+            saved = done % t.ckpt_every == 0 or done == last
+            if saved:
                 checkpoint_step(run, done)
+            if done % t.log_every == 0 or done == last:
+                _stop_without_sasi(run, done, last, saved)
         run.source.finish(run.out if run.is_main else None, run.engine.module)
     finally:
         run.bar.close()

@@ -12,7 +12,9 @@
 The loop (training/loop.py) calls, per micro-step, `next(m)` -> (views, outcome counts);
 at a checkpoint `checkpoint(ckpt_dir, step, micro_step, save_fn)` (a quiet point for the
 online sources); on a log step `metrics(micro_steps_done)` (collective over the trainers'
-control group) and `postfix(record)`; once at the end `finish(out_dir, module)`.
+control group) and `postfix(record)`; once at the end `finish(out_dir, module)`. On log
+steps `supply_problem(final)` (collective for the online sources) says why a run that asked
+for SASI gets none; `fail(message)` records it before the loop stops the run.
 """
 from __future__ import annotations
 
@@ -78,6 +80,12 @@ class OfflineBatches:
     def postfix(self, record: dict) -> dict:
         return {}
 
+    def supply_problem(self, final: bool) -> Optional[str]:
+        return None  # offline: the store was checked when it was opened
+
+    def fail(self, message: str) -> None:
+        return None
+
     def finish(self, out_dir: Optional[Path], module: Any) -> None:
         return None
 
@@ -110,6 +118,12 @@ class OnlineBatches(OfflineBatches):
 
     def postfix(self, record: dict) -> dict:
         return self.online.metrics.postfix(record)
+
+    def supply_problem(self, final: bool) -> Optional[str]:
+        return self.online.supply_problem(final)
+
+    def fail(self, message: str) -> None:
+        self.online.fail(message)
 
     def finish(self, out_dir: Optional[Path], module: Any) -> None:
         self.online.finish(out_dir, module)

@@ -24,6 +24,13 @@ SD15_CONTEXT = 32  # text context width of the tiny SD-1.5 stand-in (real: 768)
 SD21_CONTEXT = 48  # ... of the tiny SD-2.1 stand-in (real: 1024)
 FOLDERS = ("sd15", "sd21", "controlnet-sd15-seg", "controlnet-sd21-seg", "taesd", "blip2", "llama",
            "upernet", "clip")
+# the random set only: an LCM-LoRA stand-in for sd15, in the layout of the real
+# latent-consistency/lcm-lora-sdv1-5 snapshot (one pytorch_lora_weights.safetensors)
+LORA_FOLDER = "lcm-lora-sd15"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+# the modules the real LCM-LoRA adapts (attention, feed-forward, projections, resnet convs)
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                "conv1", "conv2", "time_emb_proj")
 
 
 def _text_encoder(tokenizer, width: int, seed: int, name: str):
@@ -89,6 +96,34 @@ def _build_controlnet(out: Path, name: str, unet: Any, seed: int) -> None:
                 if pname.startswith(zero_convs):
                     p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     cn.eval().save_pretrained(out / name, safe_serialization=True)
+
+
+def _build_lora(out: Path, unet: Any, seed: int, rank: int = 4) -> None:
+    """A seeded LoRA for the sd15 UNet, saved as diffusers' `save_lora_weights` writes it (peft
+    keys under `unet.`). peft starts lora_B at zero (no effect); here both halves are drawn, so
+    the fused UNet differs from the base. `unet` is changed in place: pass one not saved after."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    with _deterministic(seed, LORA_FOLDER) as gen:
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
+                                    target_modules=list(LORA_TARGETS)))
+        with torch.no_grad():
+            for pname, p in unet.named_parameters():
+                if ".lora_" in pname:
+                    p.copy_(torch.randn(p.shape, generator=gen) * (0.3 / p.shape[-1] ** 0.5 if p.dim() == 2 else 0.05))
+    layers = {k: v.contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+    StableDiffusionPipeline.save_lora_weights(out / LORA_FOLDER, unet_lora_layers=layers, weight_name=LORA_FILE,
+                                              safe_serialization=True)
+
+
+def _build_sd15_set(out: Path, seed: int) -> None:
+    """sd15, its seg ControlNet (made from its UNet) and its LoRA (which then changes that UNet)."""
+    unet = _build_sd(out, "sd15", seed)
+    _build_controlnet(out, "controlnet-sd15-seg", unet, seed)
+    _build_lora(out, unet, seed)
 
 
 def _build_taesd(out: Path, seed: int) -> None:
@@ -209,7 +244,7 @@ def build_zoo(out_dir: str | Path, seed: int = 0, force: bool = False,
     tmp.mkdir()
     t0 = time.perf_counter()
     steps = [
-        ("sd15", lambda: _build_controlnet(tmp, "controlnet-sd15-seg", _build_sd(tmp, "sd15", seed), seed)),
+        ("sd15", lambda: _build_sd15_set(tmp, seed)),
         ("sd21", lambda: _build_controlnet(tmp, "controlnet-sd21-seg", _build_sd(tmp, "sd21", seed), seed)),
         ("taesd", lambda: _build_taesd(tmp, seed)),
         ("upernet", lambda: _build_upernet(tmp, seed)),

@@ -118,10 +118,18 @@ def _combine(folder: Path, files: Iterable[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def model_hash(folder: str | Path, variant: Optional[str] = None) -> str:
-    """The model identity of `folder` as its loader would open it (see the module doc)."""
+def model_hash(folder: str | Path, variant: Optional[str] = None, lora: Optional[str | Path] = None) -> str:
+    """The model identity of `folder` as its loader would open it (see the module doc); with
+    `lora` (a LoRA file fused into it at load), the identity of the fused weights: the same
+    folder with and without a LoRA, or with another LoRA, never share an identity."""
     folder = Path(folder)
-    return _combine(folder, identity_files(folder, variant))
+    base = _combine(folder, identity_files(folder, variant))
+    return base if lora is None else with_lora(base, lora)
+
+
+def with_lora(identity: str, lora: str | Path) -> str:
+    """The identity of weights `identity` with the LoRA file `lora` fused in (by its content)."""
+    return hashlib.sha256(f"{identity}+lora:{file_digest(lora)}".encode()).hexdigest()[:16]
 
 
 def legacy_model_hash(folder: str | Path) -> str:
