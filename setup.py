@@ -5,7 +5,15 @@ generated in the loop.
 `sasi_online.kernels`, `sasi_online.engines` and `sasi_online.configs`: a top-level module named `kernels`
 would shadow the Hugging Face package of that name, which diffusers probes for.
 """
-from setuptools import find_packages, setup
+import os
+import sys
+
+# `python setup.py` and pip's metadata step put this folder first on sys.path, where
+# kernels/ would hide the Hugging Face package whose egg_info writer setuptools loads.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
+from setuptools import find_packages, setup  # noqa: E402
 
 core = find_packages(include=["sasi_online", "sasi_online.*"])
 extra_top = {"sasi_online.kernels": "kernels", "sasi_online.engines": "engines"}

@@ -117,12 +117,9 @@ def test_configs_install_as_package_data(tmp_path):
     """What a non-editable `pip install .` gets: build_py output holds every config, and the
     loader finds them there from another folder."""
     build = tmp_path / "lib"
-    # `python setup.py` would put the checkout first on sys.path, where kernels/ shadows the
-    # Hugging Face package (setuptools loads its entry points): run it from a clean sys.path.
-    run_setup = ("import runpy, sys; sys.path[:] = [p for p in sys.path if p not in ('', sys.argv[1])]; "
-                 "sys.argv = ['setup.py', '-q', 'build_py', '--build-lib', sys.argv[2]]; "
-                 "runpy.run_path('setup.py', run_name='__main__')")
-    subprocess.run([sys.executable, "-c", run_setup, str(REPO), str(build)], cwd=REPO,
+    # setup.py drops its own folder from sys.path (kernels/ would hide the Hugging Face
+    # package whose egg_info writer setuptools loads): run as users do, from the checkout.
+    subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(build)], cwd=REPO,
                    check=True, capture_output=True, timeout=120)
     for name in SHIPPED:
         assert (build / "sasi_online" / "configs" / f"{name}.yaml").is_file(), name
