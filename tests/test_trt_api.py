@@ -171,7 +171,7 @@ def test_generator_runs_tensorrt_engines_on_padded_static_batches(tiny_zoo, tmp_
     got = gen.generate(prompts, vps, seeds)  # 3 mask images: batches of 2 and 1 (padded to 2)
     backend = gen._backends["sd15"]
     assert backend.built == ["unet_controlnet", "unet"] and "static profile" in backend.reason
-    profiles = [json.loads(p.read_text())["profile"]["sample"] for p in (tmp_path / "sd15" / "tensorrt").glob("*.json")]
+    profiles = [json.loads(p.read_text())["profile"]["sample"] for p in (tmp_path / "sd15").glob("*/tensorrt/*.json")]  # sd15/<weights identity>/tensorrt
     assert len(profiles) == 2 and all(p[0] == p[2] == [4, 4, 8, 8] for p in profiles)  # 2 images x CFG, static
     assert sum(c[0] == "build_serialized_network" for c in fake.calls) == 2
     assert got.finite.all() and np.abs(got.images.astype(int) - want.images.astype(int)).max() <= 1
