@@ -44,7 +44,7 @@ def _interpreter_run():
     """Outcome lines of one subprocess running this module's Triton tests under the
     interpreter; used only when triton was imported in compiled mode before us."""
     r = _run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider",
-              str(Path(__file__).relative_to(REPO)), "-k", "triton"],
+              str(Path(__file__).relative_to(REPO)), "-k", "triton"],  # every test taking triton_here has "triton" in its name
              {"TRITON_INTERPRET": "1", "SASI_KERNEL_BACKEND": None}, timeout=600)
     return r.stdout + r.stderr
 
@@ -501,7 +501,7 @@ def fresh_probe():
     probe.forget()
 
 
-def test_probe_runs_a_real_kernel_once_per_process(triton_here, fresh_probe):
+def test_probe_runs_a_real_triton_kernel_once_per_process(triton_here, fresh_probe):
     if not triton_here:
         return
     assert fresh_probe.probe("cpu") is None  # compiled-free: the interpreter launches the kernel
