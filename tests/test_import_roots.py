@@ -27,7 +27,9 @@ PROBE = '''import atexit, json, os, sys
 
 def _record():
     k = sys.modules.get("kernels")
+    top = os.environ["SASI_CHECKOUT_TOP"]
     rec = {"pid": os.getpid(), "argv": sys.argv[:2], "kernels": getattr(k, "__file__", None),
+           "top_on_path": [p for p in sys.path if os.path.abspath(p or os.curdir) == top],
            "transformers": "transformers" in sys.modules, "diffusers": "diffusers" in sys.modules}
     with open(os.environ["SASI_IMPORT_LOG"], "a", encoding="utf-8") as f:
         f.write(json.dumps(rec) + "\\n")
@@ -81,6 +83,21 @@ def test_python_m_pytest_from_the_checkout_top():
     assert "1 passed" in r.stdout
 
 
+def test_python_c_from_the_checkout_top_hands_kernels_to_the_installed_package():
+    """`python -m sasi_online.cli` / `python -c` / a REPL in the checkout put its top folder
+    first on sys.path; `import kernels` then finds the checkout's folder, which hands the name
+    to the installed package, while `sasi_online.kernels` stays the project's."""
+    code = ("import kernels, sys; import sasi_online.kernels as ours; import diffusers.loaders.peft; "
+            "print(kernels.__file__); print(ours.__file__); print(sorted(m for m in sys.modules if m.startswith('kernels.')))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    theirs, ours, submodules = r.stdout.splitlines()[-3:]
+    assert_site_kernels(theirs)
+    assert Path(ours).resolve() == OURS / "__init__.py" or "site-packages" in ours
+    assert "_handover" not in submodules
+
+
 @pytest.fixture()
 def probe(tmp_path, monkeypatch):
     """Every Python process started from here records the `kernels` it imported."""
@@ -90,11 +107,14 @@ def probe(tmp_path, monkeypatch):
     log = tmp_path / "imports.jsonl"
     monkeypatch.setenv("PYTHONPATH", str(folder))
     monkeypatch.setenv("SASI_IMPORT_LOG", str(log))
+    monkeypatch.setenv("SASI_CHECKOUT_TOP", str(REPO))
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
 
     def records() -> list[dict]:
         rows = [json.loads(x) for x in log.read_text(encoding="utf-8").splitlines()] if log.is_file() else []
         for r in rows:
+            if r["transformers"] or any(str(a).endswith("train.py") for a in r["argv"]):  # not the launchers'
+                assert not r["top_on_path"], f"the checkout's top folder is on sys.path of {r['argv']}"
             if r["kernels"]:
                 assert_site_kernels(r["kernels"])
         return rows
