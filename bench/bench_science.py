@@ -1,36 +1,38 @@
-"""Does the method help at micro scale? base vs offline SASI vs online SASI, with error bars.
+"""Does the method help at micro scale? SASI against base MoCo-v2, with a positive control
+that proves the bench can see a gain and a control that rules out "a VAE-smoothed view".
 
-    python bench/bench_science.py                                # the default run, ~30 min on 2 cores
-    python bench/bench_science.py --seeds 5 --jobs 2 --out runs/science5
-    python bench/bench_science.py --vp-kinds image,mask,mix      # + offline arms per VP kind (Table 10)
-    python bench/bench_science.py --sasi-per-image 3             # + SASI x3 per image vs x1 (Table 11)
-    python bench/bench_science.py --pair-modes mix               # + `mix` pairs vs (real, SASI) (Table 4)
-    python bench/bench_science.py --steps 2 --seeds 2 --limit 64 # a smoke run
+    python bench/bench_science.py                                # the default run, ~45 min on 2 cores
+    python bench/bench_science.py --sweep                        # + image 0.75/0.9, mask, text-to-image
+    python bench/bench_science.py --holdout --arms base,"positive control"   # recipe choice, no test split
+    python bench/bench_science.py --steps 2 --seeds 2 --limit 64 --test-split embedded  # a smoke run
 
-Every arm trains MoCo-v2 with the same recipe (bench/science.yaml), steps and seeds on the
-embedded Fashion-MNIST subset (2,000 train images, tested on its 500 test images, which
-come from the official test split):
-  untrained the encoder as initialised (one step at lr 1e-12), for reference;
-  base      pair_mode=base, no SASI;
-  offline   SASI generated into a store first (one store per seed, generation.seed = seed),
-            then (real, SASI) pairs read from it;
-  online    online.mode=colocated: the trainer makes its own SASI between steps (a batch of
-            16 every 2 steps, a 2,048-slot ring that keeps each SASI for up to 8 uses), so
-            SASI arrive during the run instead of before it.
-Encoder: ResNet-18 with torchvision's stem (stride-2 conv + max-pool) at 32 px, batch 64,
-400 steps (12.8 epochs), SGD lr 0.12 per 256 images, momentum encoder m = 0.99, queue 1,024,
-temperature 0.2, MoCo-v2's augmentations. SASI: the micro model set (`build_micro`, built
-into OUT/zoo unless --zoo is given) at 64 px, BLIP-2 captions + LLaMA rewrites, image VP at
-strength 0.5 (5 DPM-Solver++ steps), CFG 2.
+Every arm trains MoCo-v2 with one recipe (bench/science.yaml, augmentations in
+bench/science_aug.yaml) on the embedded Fashion-MNIST subset's 2,000 training images at 32 px
+and is tested on the official 10,000 test images (never seen by any model; `apt-get install
+dataset-fashion-mnist`), or on the embedded 500 with --test-split embedded:
+  pixels            raw pixels (no encoder), once;
+  random features   the encoder as initialised, no step taken;
+  base              pair_mode=base, no SASI;
+  SASI image 0.5    offline SASI, image VP at strength 0.5 (one store per seed);
+  SASI mix          offline SASI, mix VP (the best kind in the paper's Table 10);
+  positive control  each image's partner is another real image of its class (an oracle
+                    positive): its gain is the most a perfect positive can give this recipe;
+                    the bench has power only if its 95 % interval is above zero;
+  VAE control       the image itself through the SASI path's VAE round trip at 64 px (no
+                    denoising): a SASI gain beyond this one is due to generation;
+  online            online.mode=colocated: the trainer makes its own SASI between steps.
+Seeds: --seeds (5) paired seeds for base and SASI image 0.5, --control-seeds (2) for the rest.
+Encoder: a 4-block conv-BN-ReLU CNN (method.backbone=convnet), batch 64, 800 steps, SGD with
+warm-up and a cosine; SASI from the micro model set (`build_micro`, built into OUT/zoo unless
+--zoo is given) at 64 px, BLIP-2 captions + LLaMA rewrites, 5 DPM-Solver++ steps, CFG 2.
 
-Evaluation is the project's (`evaluate_checkpoint`): weighted kNN (k = 50) and the L-BFGS
-linear probe on frozen clean features, top-1 %. Per arm: mean ± sample std over seeds, and
-the paired per-seed difference to base with a 95 % t interval (n - 1 degrees of freedom;
-sasi_online/eval/stats.py). Writes science.json, science.md and science.png into --out
-after each finished job; a rerun skips finished jobs (and redoes SASI jobs whose models
-changed), so an interrupted run keeps what finished. Independent (arm, seed) jobs run as
---jobs processes side by side, one thread each; each job's output is in OUT/logs/.
-Default run on the 2-core machine: the README's "Science at micro scale" section.
+Evaluation: the project's weighted kNN at k = 20 on centred, normalised features and its
+L-BFGS linear probe on frozen features, top-1 % (bench/science_eval.py). Per arm: mean ± sample
+std over seeds, and the paired per-seed difference to base with a 95 % t interval (n - 1
+degrees of freedom; sasi_online/eval/stats.py). Writes science.json, science.md and
+science.png into --out after each finished job; a rerun skips finished jobs (and redoes jobs
+whose settings or models changed). Independent jobs run as --jobs processes side by side,
+one thread each; each job's output is in OUT/logs/. The default run's results: docs/science/.
 """
 from __future__ import annotations
 
@@ -45,35 +47,48 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))  # bench_offline_online, whose metrics reader is reused
+sys.path.insert(0, str(REPO / "bench"))  # bench_offline_online (metrics reader), science_*
 CONFIG = Path(__file__).resolve().with_name("science.yaml")
+AUGMENT = Path(__file__).resolve().with_name("science_aug.yaml")
 METRICS = ("knn", "linear")
+HOLDOUT_TRAIN = 1600  # --holdout: train on these, test on the embedded train split's last 400
 
 
 @dataclass(frozen=True)
 class Arm:
     name: str
-    source: str  # untrained | none | offline | online
+    source: str  # random | none | offline | control | online
     pair_mode: str = "sasi"
     vp: str = "image"
+    strength: float = 0.5
     per_image: int = 1
+    control: str = ""  # same_class | vae (source control)
+    main: bool = False  # one of the two arms with --seeds seeds
 
     @property
     def slug(self) -> str:
-        return self.name.replace(" ", "_").replace("=", "-").replace("×", "x")
+        return (self.name.replace(" ", "_").replace("=", "-").replace("×", "x").replace("(", "")
+                .replace(")", ""))
 
 
-def plan_arms(vp: str, vp_kinds=(), per_image=(), pair_modes=()) -> list[Arm]:
-    """untrained (the reference), base, offline, online; then offline arms that change one factor
-    each (the paper's ablations)."""
-    arms = [Arm("untrained", "untrained", "base", vp), Arm("base", "none", "base", vp),
-            Arm("offline", "offline", "sasi", vp), Arm("online", "online", "sasi", vp)]
-    extra = [Arm(f"offline vp={k}", "offline", "sasi", k) for k in vp_kinds]
-    extra += [Arm(f"offline ×{n}", "offline", "sasi", vp, int(n)) for n in per_image]
-    extra += [Arm(f"offline pair={p}", "offline", p, vp) for p in pair_modes]
-    seen = {(a.source, a.pair_mode, a.vp, a.per_image) for a in arms}
+DEFAULT_SASI = "SASI image 0.5"
+
+
+def plan_arms(sweep: bool = False, per_image=(), pair_modes=()) -> list[Arm]:
+    """The default arms; then offline arms that change one factor each (the paper's ablations)."""
+    arms = [Arm("random features", "random", "base"), Arm("base", "none", "base", main=True),
+            Arm(DEFAULT_SASI, "offline", main=True), Arm("SASI mix", "offline", vp="mix"),
+            Arm("positive control", "control", control="same_class"),
+            Arm("VAE control", "control", control="vae"), Arm("online", "online")]
+    extra = []
+    if sweep:
+        extra += [Arm("SASI image 0.75", "offline", strength=0.75), Arm("SASI image 0.9", "offline", strength=0.9),
+                  Arm("SASI mask", "offline", vp="mask"), Arm("SASI text-to-image", "offline", vp="direct")]
+    extra += [Arm(f"SASI ×{n}", "offline", per_image=int(n)) for n in per_image]
+    extra += [Arm(f"SASI pair={p}", "offline", p) for p in pair_modes]
+    seen = {(a.source, a.pair_mode, a.vp, a.strength, a.per_image, a.control) for a in arms}
     for arm in extra:
-        key = (arm.source, arm.pair_mode, arm.vp, arm.per_image)
+        key = (arm.source, arm.pair_mode, arm.vp, arm.strength, arm.per_image, arm.control)
         if key not in seen:
             seen.add(key)
             arms.append(arm)
@@ -98,52 +113,78 @@ def models_identity(common: list[str], vp: str) -> str:
     from sasi_online.generation.offline import model_hashes
     from sasi_online.generation.text_stage import text_model_folders
 
-    cfg = load_config(CONFIG, [*common, f"visual.kind={vp}"])
+    cfg = load_config(CONFIG, common)
     return _fingerprint(model_hashes(cfg, vp, text_model_folders(cfg)))
 
 
 def store_key(arm: Arm, seed: int) -> str:
-    return f"store_{arm.vp}_x{arm.per_image}_s{seed}"
+    if arm.source == "control":
+        return f"control_{arm.control}_s{seed}"
+    return f"store_{arm.vp}_{arm.strength:g}_x{arm.per_image}_s{seed}"
 
 
-def make_jobs(arms: list[Arm], seeds: list[int], out: Path, common: list[str]) -> list[dict]:
-    """Store jobs (one per VP kind, SASI per image and seed), then one train+eval job per (arm, seed)."""
-    recipe = CONFIG.read_text(encoding="utf-8")
+def _vp_overrides(arm: Arm) -> list[str]:
+    """visual.kind for the VP kinds; `direct` (text-to-image) is a generation kind only."""
+    return [] if arm.vp == "direct" else [f"visual.kind={arm.vp}"]
+
+
+def _store_job(arm: Arm, seed: int, out: Path, common: list[str], recipe: str, models: dict) -> dict:
+    key = store_key(arm, seed)
+    if arm.source == "control":
+        over = list(common)
+        identity = models.get("image") if arm.control == "vae" else None
+    else:
+        over = [*common, *_vp_overrides(arm), f"generation.strength={arm.strength}",
+                f"semantics.variants={arm.per_image}", f"generation.seed={seed}"]
+        identity = models[arm.vp]
+    return {"kind": "store", "key": key, "path": str(out / "stores" / key), "seed": seed, "vp": arm.vp,
+            "control": arm.control, "per_image": arm.per_image, "overrides": over, "deps": [],
+            "fingerprint": _fingerprint(recipe, over, arm.control, identity)}
+
+
+def _seeds_of(arm: Arm, seeds: list[int], control_seeds: list[int]) -> list[int]:
+    return seeds if arm.main else control_seeds
+
+
+def make_jobs(arms: list[Arm], seeds: list[int], out: Path, common: list[str], evaluation: list[str],
+              control_seeds: list[int] | None = None) -> list[dict]:
+    """Store jobs (per VP setting and seed; control stores), one train+eval job per (arm, seed),
+    and the raw-pixel evaluation."""
+    control_seeds = seeds[:2] if control_seeds is None else control_seeds
+    recipe = CONFIG.read_text(encoding="utf-8") + AUGMENT.read_text(encoding="utf-8")
     models = {a.vp: models_identity(common, a.vp) for a in arms if a.source in ("offline", "online")}
-    jobs: dict[str, dict] = {}
-    for seed in seeds:
-        for arm in arms:
-            if arm.source != "offline" or store_key(arm, seed) in jobs:
-                continue
-            key = store_key(arm, seed)
-            over = [*common, f"visual.kind={arm.vp}", f"semantics.variants={arm.per_image}",
-                    f"generation.seed={seed}"]
-            jobs[key] = {"kind": "store", "key": key, "path": str(out / "stores" / key), "seed": seed,
-                         "per_image": arm.per_image, "overrides": over, "deps": [],
-                         "fingerprint": _fingerprint(recipe, over, models[arm.vp])}
-    for seed in seeds:
-        for arm in arms:
+    if any(a.control == "vae" for a in arms):
+        models.setdefault("image", models_identity(common, "image"))
+    jobs: dict[str, dict] = {"pixels": {"kind": "pixels", "key": "pixels", "path": str(out / "runs" / "pixels"),
+                                        "seed": 0, "deps": [], "overrides": [*common, *evaluation],
+                                        "fingerprint": _fingerprint([o for o in common if o.startswith(
+                                            ("data.", "augment."))], evaluation)}}
+    for arm in arms:
+        for seed in _seeds_of(arm, seeds, control_seeds):
+            if arm.source in ("offline", "control") and store_key(arm, seed) not in jobs:
+                jobs[store_key(arm, seed)] = _store_job(arm, seed, out, common, recipe, models)
+    for arm in arms:
+        for seed in _seeds_of(arm, seeds, control_seeds):
             key = f"{arm.slug}_s{seed}"
-            over = [*common, f"train.seed={seed}", f"generation.seed={seed}", f"visual.kind={arm.vp}",
-                    f"train.pair_mode={arm.pair_mode}"]
+            over = [*common, f"train.seed={seed}", f"generation.seed={seed}", *_vp_overrides(arm),
+                    f"generation.strength={arm.strength}", f"train.pair_mode={arm.pair_mode}"]
             deps = []
-            if arm.source == "offline":
+            if arm.source in ("offline", "control"):
                 deps = [store_key(arm, seed)]
                 over.append(f"store.path={jobs[deps[0]]['path']}")
             elif arm.source == "online":
                 over += ["online.mode=colocated", "online.producers=0"]
-            elif arm.source == "untrained":  # as initialised: one step at lr 1e-12 (BN statistics of one batch)
-                over += ["train.steps=1", "optim.lr=1.0e-12", "optim.warmup_steps=0", "train.ckpt_every=1"]
             sasi = arm.source in ("offline", "online")
-            jobs[key] = {"kind": "train", "key": key, "arm": asdict(arm), "seed": seed, "deps": deps,
-                         "path": str(out / "runs" / key), "overrides": over,
+            jobs[key] = {"kind": "random" if arm.source == "random" else "train", "key": key, "arm": asdict(arm),
+                         "seed": seed, "deps": deps, "path": str(out / "runs" / key), "overrides": over,
+                         "evaluation": evaluation,
                          "fingerprint": _fingerprint(recipe, [o for o in over if not o.startswith("store.path=")],
-                                                     models[arm.vp] if sasi else None,
+                                                     evaluation, models[arm.vp] if sasi else None,
                                                      jobs[deps[0]]["fingerprint"] if deps else None)}
     # the longest first (after the stores they wait for), so that no core idles at the end
-    order = {"store": 0, "online": 1, "offline": 2, "none": 3, "untrained": 4}
-    return sorted(jobs.values(), key=lambda j: (order["store" if j["kind"] == "store" else j["arm"]["source"]],
-                                                j["seed"]))
+    order = {"store": 0, "online": 1, "offline": 2, "control": 2, "none": 3, "random": 4, "pixels": 5}
+    return sorted(jobs.values(), key=lambda j: (order[j["kind"] if j["kind"] in ("store", "pixels")
+                                                     else j["arm"]["source"]], j["seed"]))
 
 
 def _done_file(job: dict) -> Path:
@@ -178,21 +219,34 @@ def run_job(job: dict) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     stamp.write_text(job["fingerprint"], encoding="utf-8")
     if job["kind"] == "store":
-        from sasi_online.data.store import SasiStore
-        from sasi_online.generation.offline import generate_store
+        res = _make_store(job, path, load_config(CONFIG, job["overrides"]))
+    elif job["kind"] in ("pixels", "random"):
+        from science_eval import pixel_baseline, random_features
 
-        cfg = load_config(CONFIG, job["overrides"])
-        summary = generate_store(cfg, path, variants=job["per_image"], progress=True)
-        n = len(_dataset(cfg))
-        with SasiStore.open(path) as st:
-            per_image = sum(len(st.usable_variants(i)) for i in range(n)) / n
-        res = {"generated": summary.generated, "failed": summary.failed, "sasi_per_image": per_image,
-               "sasi_per_s": summary.sasi_per_second}
+        cfg = load_config(CONFIG, [*job["overrides"], *job.get("evaluation", [])])
+        res = pixel_baseline(cfg) if job["kind"] == "pixels" else random_features(cfg, job["seed"])
+        res.update(arm=job.get("arm", {}).get("name", "pixels"), seed=job["seed"], steps=0)
     else:
         res = _train_and_eval(job, path, load_config(CONFIG, [*job["overrides"], f"train.out={path}"]))
     res.update(fingerprint=job["fingerprint"], seconds=round(time.perf_counter() - t0, 1), key=job["key"])
     atomic_write_json(_done_file(job), res)
     return res
+
+
+def _make_store(job: dict, path: Path, cfg) -> dict:
+    if job["control"]:
+        from science_controls import build_control_store
+
+        return build_control_store(cfg, path, job["control"], job["seed"])
+    from sasi_online.data.store import SasiStore
+    from sasi_online.generation.offline import generate_store
+
+    summary = generate_store(cfg, path, kind=job["vp"], variants=job["per_image"], progress=True)
+    n = len(_dataset(cfg))
+    with SasiStore.open(path) as st:
+        per_image = sum(len(st.usable_variants(i)) for i in range(n)) / n
+    return {"generated": summary.generated, "failed": summary.failed, "sasi_per_image": per_image,
+            "sasi_per_s": summary.sasi_per_second}
 
 
 def _dataset(cfg):
@@ -203,22 +257,21 @@ def _dataset(cfg):
 
 def _train_and_eval(job: dict, path: Path, cfg) -> dict:
     from bench_offline_online import _train_figures  # the offline/online bench's metrics reader
+    from science_eval import evaluate_trained
 
-    from sasi_online.eval.suite import evaluate_checkpoint
     from sasi_online.train import train
     from sasi_online.training.metrics import read_metrics
 
     t0 = time.perf_counter()
     train(cfg)
     train_s = time.perf_counter() - t0
-    ev = evaluate_checkpoint(path / "checkpoints", path / "eval", run_name=job["key"])["results"]
     fig = _train_figures(path)
-    res = {"arm": job["arm"]["name"], "seed": job["seed"], "knn": ev["knn"]["top1"], "linear": ev["linear"]["top1"],
+    res = {"arm": job["arm"]["name"], "seed": job["seed"], **evaluate_trained(path, job["key"], job["evaluation"]),
            "train_s": round(train_s, 1), "steps": fig["steps"], "images_per_s": fig["trainer_images_per_s"],
            "final_loss": fig["last"].get("loss")}
     if job["arm"]["source"] == "online":
         res.update(_online_figures(path))
-    elif job["arm"]["source"] == "offline":  # pairs whose SASI the store held (usable, not fishy)
+    elif job["arm"]["source"] in ("offline", "control"):  # pairs whose SASI the store held (usable, not fishy)
         rows = read_metrics(path / "metrics.jsonl", "sasi_hit_rate")
         res["sasi_pair_rate"] = sum(r["sasi_hit_rate"] for r in rows) / max(len(rows), 1)
     return res
@@ -374,6 +427,19 @@ def summarise(arms: list[Arm], per_seed: dict) -> dict:
     return out
 
 
+def power(summary: dict) -> dict:
+    """What the bench can see: the positive control's Δ kNN interval (above zero, or the bench
+    has no power), the default SASI arm's interval width, base above random features."""
+    pos = summary.get("positive control", {}).get("knn", {}).get("vs_base") or {}
+    sasi = summary.get(DEFAULT_SASI, {}).get("knn", {}).get("vs_base") or {}
+    rnd, base = summary.get("random features"), summary.get("base")
+    res = {"positive_control_knn": pos or None,
+           "has_power": bool(pos and pos.get("low") is not None and pos["low"] > 0),
+           "sasi_knn_interval_width": (sasi["high"] - sasi["low"]) if sasi.get("low") is not None else None,
+           "base_above_random_features_knn": (base["knn"]["mean"] > rnd["knn"]["mean"]) if rnd and base else None}
+    return res
+
+
 def _ci(d: dict | None) -> str:
     if not d:
         return "—"
@@ -382,9 +448,28 @@ def _ci(d: dict | None) -> str:
     return f"{d['mean']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]"
 
 
+def _power_line(results: dict) -> str:
+    p = results.get("power") or {}
+    pos = p.get("positive_control_knn")
+    if not pos:
+        return "Power: no positive control in this run."
+    if pos.get("low") is None:
+        verdict = "one seed, no interval: the bench's power is unknown"
+    elif p["has_power"]:
+        verdict = "above zero, so the bench can see a gain"
+    else:
+        verdict = "its interval does not exclude zero: THE BENCH HAS NO POWER, a null result for SASI says nothing"
+    width = p.get("sasi_knn_interval_width")
+    return (f"Power: the positive control's Δ kNN is {_ci(pos)}: {verdict}."
+            + (f" The {DEFAULT_SASI} arm's Δ kNN interval is {width:.1f} points wide." if width is not None else ""))
+
+
 def markdown(results: dict) -> str:
     lines = ["| arm | seeds | kNN top-1 % | linear top-1 % | Δ kNN vs base [95 % CI] | Δ linear vs base [95 % CI] "
              "| SASI pairs | s / run |", "|---|---|---|---|---|---|---|---|"]
+    pix = results.get("pixels")
+    if pix:
+        lines.append(f"| raw pixels | — | {pix['knn']:.1f} | {pix['linear']:.1f} | — | — | — | {pix['seconds']:.0f} |")
     for name, row in results["summary"].items():
         pairs = row.get("sasi_pair_rate")
         lines.append(f"| {name} | {row['n']} | {row['knn']['mean']:.1f} ± {row['knn']['std']:.1f} | "
@@ -392,11 +477,13 @@ def markdown(results: dict) -> str:
                      f"{_ci(row['linear'].get('vs_base'))} | {'—' if pairs is None else f'{100 * pairs:.0f} %'} | "
                      f"{row.get('seconds', 0):.0f} |")
     s = results["settings"]
-    lines += ["", f"Mean ± sample std over seeds {s['seeds']}; Δ: mean paired per-seed difference to base with its "
-              f"95 % t interval (n - 1 dof). {s['steps']} steps of {s['batch_size']} images, {s['encoder']}; "
-              f"model set {s['zoo_kind']} ({s['zoo_trained']}). SASI pairs: share of training pairs that held "
-              f"a SASI (offline: the store's; online: ring hits and draws of other images' SASI). s / run: "
-              f"training + evaluation, one thread, {max(s['jobs_in_parallel'], 1)} run(s) side by side."]
+    lines += ["", _power_line(results), "",
+              f"Mean ± sample std over seeds; Δ: mean paired per-seed difference to base with its 95 % t interval "
+              f"(n - 1 dof). {s['steps']} steps of {s['batch_size']} images, {s['encoder']}; tested on "
+              f"{s['test_images']} images ({s['test_split']}); kNN k = 20 on centred features. Model set "
+              f"{s['zoo_kind']} ({s['zoo_trained']}). SASI pairs: share of training pairs that held a SASI (or "
+              f"control partner). s / run: training + evaluation, one thread, {max(s['jobs_in_parallel'], 1)} "
+              f"run(s) side by side."]
     return "\n".join(lines) + "\n"
 
 
@@ -425,6 +512,9 @@ def plot(results: dict, path: Path) -> None:
             err = [[d["mean"] - d["low"]], [d["high"] - d["mean"]]] if d.get("low") is not None else None
             axes[1].errorbar([x], [d["mean"]], yerr=err, fmt="o", color=colour, capsize=4,
                              label=f"{m}" if x == diffs[0][0] else None)
+    pix = results.get("pixels")
+    for m, colour in (("knn", "tab:blue"), ("linear", "tab:orange")) if pix else ():
+        axes[0].axhline(pix[m], color=colour, ls="--", lw=0.8, label=f"raw pixels, {m}")
     lo = min(min(summary[n][m]["mean"] - summary[n][m]["std"] for n in names) for m in METRICS)
     axes[0].set_ylim(max(lo - 5, 0), None)
     for ax, title in zip(axes, ("top-1 % per arm (dots: seeds)", "paired difference to base, 95 % CI")):
@@ -468,23 +558,23 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def _settings(args, out: Path, zoo: Path, seeds: list[int], common: list[str]) -> dict:
+def _settings(args, out: Path, zoo: Path, seeds: list[int], control_seeds: list[int], common: list[str],
+              evaluation: list[str]) -> dict:
     from sasi_online.config import load_config
+    from sasi_online.data.datasets import build_dataset
 
-    cfg = load_config(CONFIG, common)
+    cfg = load_config(CONFIG, [*common, *evaluation])
     manifest = json.loads((zoo / "zoo.json").read_text(encoding="utf-8"))
     trained = manifest.get("trained") or []
-    stem = "small stem" if cfg.method.small_stem else "torchvision stem"
-    return {"config": str(CONFIG.relative_to(REPO)), "overrides": args.overrides, "seeds": seeds,
+    return {"config": str(CONFIG.relative_to(REPO)), "augment": str(AUGMENT.relative_to(REPO)),
+            "overrides": args.overrides, "seeds": seeds, "control_seeds": control_seeds,
             "steps": cfg.train.steps, "batch_size": cfg.train.batch_size, "limit": cfg.data.limit,
-            "encoder": f"{cfg.method.name}, {cfg.method.backbone} ({stem}) at {cfg.data.image_size} px",
-            "zoo": _shown(zoo), "zoo_kind": manifest.get("kind", "random"),
+            "encoder": f"{cfg.method.name}, {cfg.method.backbone} at {cfg.data.image_size} px",
+            "test_split": cfg.eval.test_split, "test_images": len(build_dataset(cfg.data, cfg.eval.test_split)),
+            "evaluation": evaluation, "zoo": _shown(zoo), "zoo_kind": manifest.get("kind", "random"),
             "zoo_trained": ", ".join(trained) if trained else "nothing trained",
             "zoo_identity": zoo_identity(zoo), "jobs_in_parallel": args.jobs,
             "started": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
-
-
-KINDS = ("image", "mask", "mix", "noise")
 
 
 def _names(choices, cast=str):
@@ -504,23 +594,44 @@ def parse_args(argv=None) -> argparse.Namespace:
                                  epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     ap.add_argument("--out", default="runs/science", help="results, runs, stores, logs (runs/ is git-ignored)")
     ap.add_argument("--zoo", help="model set folder (default: the micro set, built into OUT/zoo)")
-    ap.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1, the same in every arm (>= 2 for an interval)")
-    ap.add_argument("--steps", type=int, help="training steps per run (default: bench/science.yaml's 400)")
+    ap.add_argument("--seeds", type=int, default=5,
+                    help="paired seeds 0..N-1 of base and the default SASI arm (>= 2 for an interval)")
+    ap.add_argument("--control-seeds", type=int, default=2, help="seeds 0..N-1 of every other arm")
+    ap.add_argument("--steps", type=int, help="training steps per run (default: bench/science.yaml's)")
     ap.add_argument("--limit", type=int, help="use only the first N train images (smoke runs)")
+    ap.add_argument("--test-split", choices=("full", "embedded"), default="full",
+                    help="full: the official 10,000 test images (apt-get install dataset-fashion-mnist); "
+                         "embedded: the package's 500")
+    ap.add_argument("--holdout", action="store_true",
+                    help=f"choose a recipe without the test split: train on the first {HOLDOUT_TRAIN} train "
+                         "images, test on the last 400")
     ap.add_argument("--jobs", type=int, default=2, help="jobs side by side, one thread each (0: in this process)")
-    ap.add_argument("--vp", default="image", choices=KINDS,
-                    help="VP kind of the offline and online arms")
-    ap.add_argument("--vp-kinds", type=_names(KINDS), default=[], metavar="K,K",
-                    help="more offline arms, one per VP kind, e.g. image,mask,mix (the paper's Table 10)")
+    ap.add_argument("--sweep", action="store_true",
+                    help="more offline arms: image VP at strength 0.75 and 0.9, mask VP, text-to-image")
     ap.add_argument("--sasi-per-image", type=_names(None, int), default=[], metavar="N,N",
                     help="more offline arms with N SASI per image, one rewrite each, e.g. 3 (Table 11)")
     ap.add_argument("--pair-modes", type=_names(None), default=[], metavar="MODE,MODE",
                     help="more offline arms with another train.pair_mode, e.g. mix (Table 4)")
     ap.add_argument("--arms", type=_names(None), default=[], metavar="NAME,NAME",
-                    help="run only these arms (names as in the table, e.g. untrained,base,\"offline vp=mask\")")
+                    help="run only these arms (names as in the table, e.g. base,\"positive control\")")
     ap.add_argument("--run-job", help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", metavar="section.key=value", help="applied to every arm")
     return ap.parse_args(argv)
+
+
+def _common(args, zoo: Path) -> tuple[list[str], list[str]]:
+    """(overrides of every arm, evaluation overrides)."""
+    from science_eval import check_test_split, eval_overrides
+
+    limit = args.limit or (HOLDOUT_TRAIN if args.holdout else None)
+    if args.holdout and limit > HOLDOUT_TRAIN:
+        raise SystemExit(f"--holdout trains on at most {HOLDOUT_TRAIN} images; --limit {limit} would see the test part")
+    split = "holdout" if args.holdout else args.test_split
+    if split == "full":
+        check_test_split(split)
+    common = [f"models.root={zoo}", f"augment.recipe={AUGMENT}", *([f"train.steps={args.steps}"] if args.steps else []),
+              *([f"data.limit={limit}"] if limit else []), *args.overrides]
+    return common, eval_overrides(split)
 
 
 def main(argv=None) -> dict:
@@ -535,31 +646,35 @@ def main(argv=None) -> dict:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     zoo = _zoo(args, out)
-    seeds = list(range(args.seeds))
-    common = [f"models.root={zoo}", *([f"train.steps={args.steps}"] if args.steps else []),
-              *([f"data.limit={args.limit}"] if args.limit else []), *args.overrides]
-    arms = plan_arms(args.vp, args.vp_kinds, args.sasi_per_image, args.pair_modes)
+    seeds, control_seeds = list(range(args.seeds)), list(range(args.control_seeds))
+    common, evaluation = _common(args, zoo)
+    arms = plan_arms(args.sweep, args.sasi_per_image, args.pair_modes)
     if args.arms:
         unknown = sorted(set(args.arms) - {a.name for a in arms})
         if unknown:
             raise SystemExit(f"--arms: unknown arm(s) {', '.join(unknown)}; planned: {', '.join(a.name for a in arms)}")
         arms = [a for a in arms if a.name in args.arms]
-    jobs = make_jobs(arms, seeds, out, common)
-    results = {"settings": _settings(args, out, zoo, seeds, common), "arms": [asdict(a) for a in arms],
-               "per_seed": {}, "stores": {}, "summary": {}}
+    jobs = make_jobs(arms, seeds, out, common, evaluation, control_seeds)
+    results = {"settings": _settings(args, out, zoo, seeds, control_seeds, common, evaluation),
+               "arms": [asdict(a) for a in arms], "pixels": None, "per_seed": {}, "stores": {}, "summary": {}}
 
     def on_result(job: dict, res: dict) -> None:
         if job["kind"] == "store":
             results["stores"][job["key"]] = res
+        elif job["kind"] == "pixels":
+            results["pixels"] = res
         else:
             results["per_seed"].setdefault(job["arm"]["name"], {})[job["seed"]] = res
             results["summary"] = summarise(arms, results["per_seed"])
-        results["settings"]["job_seconds"] = round(sum(r["seconds"] for r in results["stores"].values()) + sum(
-            r["seconds"] for runs in results["per_seed"].values() for r in runs.values()), 1)
+            results["power"] = power(results["summary"])
+        done = [*results["stores"].values(), *([results["pixels"]] if results["pixels"] else []),
+                *[r for runs in results["per_seed"].values() for r in runs.values()]]
+        results["settings"]["job_seconds"] = round(sum(r["seconds"] for r in done), 1)
         results["settings"]["wall_s_this_run"] = round(time.perf_counter() - t0, 1)
         write_results(out, results)
 
-    print(f"science bench: {len(arms)} arms x {len(seeds)} seeds -> {out}", flush=True)
+    print(f"science bench: {len(arms)} arms, seeds {seeds} (base, {DEFAULT_SASI}) and {control_seeds} (the rest) "
+          f"-> {out}", flush=True)
     failed = run_jobs(jobs, args.jobs, out, on_result)
     results["settings"].update(failed=failed, wall_s_this_run=round(time.perf_counter() - t0, 1),
                                finished=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()))

@@ -4,7 +4,8 @@ The ring keeps SASI as uint8 images on the trainer's device. A view is:
 random resized crop (bilinear, no antialias) → horizontal flip → colour jitter in the
 FIXED order brightness, contrast, saturation, hue (torchvision picks a random order per
 call; a fixed order keeps the kernel branch-free) → optional grayscale → optional Gaussian
-blur (per-view sigma, reflect padding, torchvision's kernel) → optional solarisation
+blur (per-view sigma, reflect padding, torchvision's taps; the kernel covers ±3σ of the
+recipe's largest sigma, `sasi_online.data.augment.blur_kernel_for`) → optional solarisation
 (pixels at or above 128/255 inverted) → normalise. That is every op of the project's
 recipes (data/recipes/: MoCo-v2, SimCLR, BYOL, MoCo-v3, SwAV, DINO, solo-learn's).
 The Triton kernel fuses everything up to grayscale; blur and solarisation, when a draw
@@ -31,6 +32,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from sasi_online.data.augment import blur_kernel_for
 from sasi_online.errors import UserInputError
 
 from ._triton import jit, require_triton
@@ -61,7 +63,7 @@ class AugRecipe:
     gray_p: float = 0.2
     blur_p: float = 0.0
     blur_sigma: tuple[float, float] = (0.1, 2.0)  # in pixels of the output view
-    blur_kernel: int = 0  # odd side; 0 = ~10 % of the output side (at least 3), as SimCLR/MoCo
+    blur_kernel: int = 0  # odd side; 0 = 2 * ceil(3 * blur_sigma max) + 1 (>= 3); capped at the output side
     solarize_p: float = 0.0
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
@@ -80,11 +82,20 @@ class AugRecipe:
     @classmethod
     def from_view_spec(cls, spec, mean, std, image_size: int | None = None) -> "AugRecipe":
         """From one view of the project's augmentation recipe (``sasi_online.data.augment``
-        ViewSpec plus the recipe's mean/std), blur and solarisation included. With
-        `image_size` (data.image_size) the blur's sigma range and kernel are the ones the
-        torchvision path uses at that size; without it the recipe's sigma, kernel ~10 %."""
-        sigma = spec.sigma_range(image_size) if image_size else tuple(spec.blur_sigma)
-        kernel = spec.blur_kernel(image_size) if image_size else 0
+        ViewSpec plus the recipe's mean/std), blur and solarisation included. The blur's
+        sigma range and kernel are the ViewSpec's (`sigma_range`, `blur_kernel`), the ones
+        the torchvision and DALI paths use: with `image_size` (data.image_size) at that
+        size; without it only for a sigma in pixels of the view (no `blur.sigma_at`),
+        the kernel then following the same rule at the output side (blur_kernel 0)."""
+        if image_size:
+            sigma, kernel = spec.sigma_range(image_size), spec.blur_kernel(image_size)
+        elif spec.blur_prob > 0 and spec.blur_sigma_at is not None:
+            raise UserInputError(f"this view quotes blur.sigma {list(spec.blur_sigma)} at "
+                                 f"blur.sigma_at={spec.blur_sigma_at:g} px, so its sigma depends on the "
+                                 f"view's side: pass image_size (data.image_size) to from_view_spec.")
+        else:
+            lo = max(float(spec.blur_sigma[0]), 1e-3)
+            sigma, kernel = (lo, max(float(spec.blur_sigma[1]), lo)), 0
         return cls(scale=tuple(spec.scale), ratio=tuple(spec.ratio), flip_p=spec.flip,
                    jitter_p=spec.jitter_prob, brightness=spec.brightness,
                    contrast=spec.contrast, saturation=spec.saturation, hue=spec.hue,
@@ -126,7 +137,7 @@ class AugParams:
     gray: torch.Tensor  # bool [N]
     blur_sigma: torch.Tensor | None = None  # float32 [N] in output pixels, 0 = no blur
     solarize: torch.Tensor | None = None  # bool [N]
-    blur_kernel: int = 0  # odd kernel side; 0 = ~10 % of the output side
+    blur_kernel: int = 0  # odd kernel side (capped at the output side); 0 = the rule on the drawn sigmas
 
     def needs_post(self) -> bool:
         """Whether blur or solarisation may apply (decided without reading the values)."""
@@ -228,7 +239,9 @@ def sample_aug_params(n: int, image_hw: tuple[int, int], recipe: AugRecipe = Aug
         solarize = torch.rand(n, generator=g) < recipe.solarize_p
     return AugParams(crop=torch.stack([top, left, crop_h, crop_w], 1), flip=flip,
                      brightness=brightness, contrast=contrast, saturation=saturation, hue=hue,
-                     gray=gray, blur_sigma=blur_sigma, solarize=solarize, blur_kernel=recipe.blur_kernel)
+                     gray=gray, blur_sigma=blur_sigma, solarize=solarize,
+                     blur_kernel=(recipe.blur_kernel or blur_kernel_for(recipe.blur_sigma[1]))
+                     if recipe.blur_p > 0 else recipe.blur_kernel)
 
 
 def _layout(images: torch.Tensor, channels_last: bool | None) -> bool:
@@ -270,8 +283,20 @@ SOLARIZE_THRESHOLD = 128 / 255  # torchvision's RandomSolarize(threshold=128) on
 
 
 def blur_kernel_size(params: AugParams, out_size: int) -> int:
-    k = params.blur_kernel or max(3, int(0.1 * out_size) // 2 * 2 + 1)
-    return min(k, (out_size - 1) // 2 * 2 + 1) if out_size >= 3 else 1  # reflect padding < side
+    """The blur's odd kernel side at `out_size`: `params.blur_kernel` (sample_aug_params sets
+    the recipe's, 2 * ceil(3 * sigma_max) + 1) capped at the largest odd number <= the side,
+    as `sasi_online.data.augment.blur_kernel_for`; 1 (no blur) below 3 px."""
+    if out_size < 3:
+        return 1
+    if params.blur_kernel:
+        return min(params.blur_kernel, (out_size - 1) // 2 * 2 + 1)  # reflect padding < side
+    sigma = params.blur_sigma
+    if sigma is None or sigma.numel() == 0:
+        return 3
+    if sigma.device.type != "cpu":
+        raise UserInputError("params.blur_kernel=0 with blur_sigma on a device: set blur_kernel "
+                             "(sample_aug_params does) rather than read the sigmas back.")
+    return blur_kernel_for(max(float(sigma.max()), 1e-3), out_size)
 
 
 def _gauss_1d(sigma: torch.Tensor, k: int) -> torch.Tensor:

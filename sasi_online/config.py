@@ -29,7 +29,9 @@ class ConfigError(ValueError):
 class DataConfig:
     # fashion_mnist (embedded, no download), cifar10, cifar100, stl10, imagefolder
     name: str = "fashion_mnist"
-    root: Optional[str] = None  # dataset folder; unused for the embedded set
+    # dataset folder; for fashion_mnist only its split test_full (the official 10k test images,
+    # `apt-get install dataset-fashion-mnist`) reads it, default /usr/share/datasets/fashion-mnist
+    root: Optional[str] = None
     split: str = "train"
     image_size: int = 32  # side the SSL pipeline works at
     limit: Optional[int] = None  # use only the first N images (index order)
@@ -258,6 +260,7 @@ class OnlineConfig:
 class EvalConfig:
     knn_k: int = 200
     knn_t: float = 0.07
+    knn_center: bool = False  # subtract the bank's mean feature before the cosine (small benches)
     # Linear probe: full-batch L-BFGS on standardised features; the L2 strength is chosen
     # from this list on a seeded class-balanced hold-out of the train split.
     linear_weight_decays: list = field(default_factory=lambda: [1e-4, 1e-3, 1e-2])

@@ -280,3 +280,31 @@ def test_missing_or_misnamed_datasets_explain_the_fix(tmp_path):
         build_dataset(DataConfig(name="cifar_10"))
     with pytest.raises(UserInputError, match="split"):
         build_dataset(DataConfig(split="validation"))
+
+
+def test_fashion_mnist_holdout_and_full_test_splits(tmp_path):
+    from sasi_online.config import DataConfig
+    from sasi_online.data.datasets import FASHION_MNIST_HOLDOUT, build_dataset, load_fashion_mnist
+
+    train, holdout = load_fashion_mnist("train"), load_fashion_mnist("holdout")
+    assert len(holdout) == FASHION_MNIST_HOLDOUT
+    first = len(train) - FASHION_MNIST_HOLDOUT
+    assert np.array_equal(np.asarray(holdout[0].image), np.asarray(train[first].image))
+    assert (holdout.labels() == train.labels()[first:]).all()
+    # training on data.limit=1600 never sees them; the limit does not cut the holdout split
+    assert len(build_dataset(DataConfig(limit=first), "holdout")) == FASHION_MNIST_HOLDOUT
+    with pytest.raises(UserInputError, match="apt-get install dataset-fashion-mnist"):
+        build_dataset(DataConfig(root=str(tmp_path / "nowhere")), "test_full")
+    # the idx layout the Debian package installs, written here for 3 images
+    import gzip
+
+    folder = tmp_path / "fmnist"
+    folder.mkdir()
+    images = np.arange(3 * 28 * 28, dtype=np.uint32).astype(np.uint8).reshape(3, 28, 28)
+    with gzip.open(folder / "t10k-images-idx3-ubyte.gz", "wb") as f:
+        f.write((2051).to_bytes(4, "big") + (3).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2 + images.tobytes())
+    with gzip.open(folder / "t10k-labels-idx1-ubyte.gz", "wb") as f:
+        f.write((2049).to_bytes(4, "big") + (3).to_bytes(4, "big") + bytes([7, 0, 9]))
+    full = build_dataset(DataConfig(root=str(folder)), "test_full")
+    assert len(full) == 3 and list(full.labels()) == [7, 0, 9]
+    assert np.array_equal(np.asarray(full[1].image)[..., 0], images[1])

@@ -354,3 +354,24 @@ def test_resumed_results_are_incomplete_until_the_run_ends(tmp_path):
     assert res.has("knn") and res.data["complete"] is False
     res.put({"top1": 40.0}, "transfer", "cifar10")
     assert json.loads(path.read_text())["complete"] is False
+
+
+def test_centred_knn_subtracts_the_bank_mean_and_sharpens_the_vote():
+    """Post-ReLU-like features: a large shared offset plus a small class signal. Uncentred,
+    every cosine is near 1 and the weighted vote is nearly uniform; centring removes the
+    bank's mean (the test rows get the bank's, not their own)."""
+    from sasi_online.eval.knn import knn_evaluate, knn_predict
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(200) % 4
+    signal = torch.nn.functional.one_hot(labels, 4).float() * 0.3 + 0.2 * torch.randn(200, 4, generator=g)
+    feats = torch.cat([signal, torch.full((200, 60), 3.0)], 1)
+    train, test = feats[:150], feats[150:] + 0.05  # a shifted test set: its own mean would differ
+    flat = knn_predict(train, labels[:150], test, k=20, t=0.07)
+    centred = knn_predict(train, labels[:150], test, k=20, t=0.07, center=True)
+    mean = train.mean(0, keepdim=True)
+    assert torch.allclose(centred, knn_predict(train - mean, labels[:150], test - mean, k=20, t=0.07))
+    assert not torch.allclose(centred, knn_predict(train - mean, labels[:150], test - test.mean(0), k=20, t=0.07))
+    share = lambda s: (s.max(1).values / s.sum(1)).mean()  # noqa: E731  the top class's share of the vote
+    assert share(centred) > share(flat) + 0.1
+    assert knn_evaluate(train, labels[:150], test, labels[150:], k=20, center=True)["center"] is True

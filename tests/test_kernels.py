@@ -313,6 +313,30 @@ def test_ring_augment_triton_matches_torch_with_blur_and_solarize(triton_here):
                                rtol=1e-4, atol=1e-4)
 
 
+def test_ring_augment_triton_blurs_a_32px_view_as_the_recipe_rule(triton_here):
+    """The device path at 32 px with a sigma in pixels of the view: the Triton kernel (then
+    its batched blur) matches the torch reference and torchvision's own gaussian_blur with
+    the recipe's kernel (7 taps at sigma 1)."""
+    if not triton_here:
+        return
+    import torchvision.transforms.v2.functional as TF
+
+    from sasi_online.data.augment import ViewSpec
+
+    spec = ViewSpec(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=0.0, jitter_prob=0.0, grayscale=0.0,
+                    blur_prob=1.0, blur_sigma=(1.0, 1.0), blur_sigma_at=None)
+    r = AugRecipe.from_view_spec(spec, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), image_size=32)
+    p = sample_aug_params(2, (32, 32), r, torch.Generator().manual_seed(0))
+    assert p.blur_kernel == spec.blur_kernel(32) == 7
+    imgs = _images(n=2, h=32, w=32)
+    got = ring_augment_triton(imgs, p, 32, mean=r.mean, std=r.std)
+    torch.testing.assert_close(got, ring_augment_torch(imgs, p, 32, mean=r.mean, std=r.std),
+                               rtol=1e-4, atol=1e-4)
+    want = TF.gaussian_blur(imgs.permute(0, 3, 1, 2).float() / 255.0, [7, 7], [1.0, 1.0])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert float((got - imgs.permute(0, 3, 1, 2).float() / 255.0).abs().mean()) > 0.05
+
+
 @pytest.mark.parametrize("channels_last,out_size", [(True, 13), (False, 13), (True, 1), (True, 31)])
 def test_ring_augment_vectorized_matches_the_per_view_loop(channels_last, out_size):
     from sasi_online.kernels import ring_augment_vectorized
@@ -363,16 +387,30 @@ def test_normalisation_constants_and_post_params_are_built_once_per_device():
 
 
 def test_every_shipped_recipe_view_maps_onto_the_device_path():
-    from sasi_online.data.augment import RECIPE_DIR, load_recipe
+    from sasi_online.data.augment import RECIPE_DIR, build_torchvision_transform, load_recipe
+    from sasi_online.kernels.ring_augment import blur_kernel_size
 
     for path in sorted(RECIPE_DIR.glob("*.yaml")):
         recipe = load_recipe(path.stem)
         views = recipe.global_views + ([recipe.local_view] if recipe.local_view else [])
-        for spec in views:
+        kinds = [f"global{i}" for i in range(len(recipe.global_views))] + ["local"] * bool(recipe.local_view)
+        for kind, spec in zip(kinds, views):
+            # the shipped recipes quote SimCLR/MoCo's sigma at 224 px: scaled with the view's side
+            assert spec.blur_sigma_at == 224 and spec.blur_sigma == (0.1, 2.0), path.stem
+            for size in (32, 224):
+                r = AugRecipe.from_view_spec(spec, recipe.mean, recipe.std, image_size=size)
+                assert r.blur_sigma == spec.sigma_range(size) and r.blur_kernel == spec.blur_kernel(size)
+                if spec.blur_prob > 0:  # the torchvision path blurs with the same parameters
+                    tv = [t for t in build_torchvision_transform(recipe, kind, size).transforms
+                          if type(t).__name__ == "RandomApply"][-1].transforms[0]
+                    assert tuple(tv.kernel_size) == (r.blur_kernel,) * 2 and tuple(tv.sigma) == r.blur_sigma
+                    p = sample_aug_params(2, (40, 40), r, torch.Generator().manual_seed(0))
+                    assert blur_kernel_size(p, spec.side(size)) == spec.blur_kernel(size), path.stem
+            assert spec.blur_kernel(224) == (13 if spec.side(224) == 224 else 7)  # 96-px local crops: sigma <= 0.86
+            assert spec.blur_kernel(32) == 3
             r = AugRecipe.from_view_spec(spec, recipe.mean, recipe.std, image_size=224)
             assert (r.blur_p, r.solarize_p, r.gray_p, r.flip_p) == (spec.blur_prob, spec.solarize,
                                                                     spec.grayscale, spec.flip), path.stem
-            assert r.blur_sigma == spec.sigma_range(224) and r.blur_kernel == spec.blur_kernel(224)
             p = sample_aug_params(3, (40, 40), r, torch.Generator().manual_seed(0))
             out = ring_augment_torch(torch.zeros(3, 40, 40, 3, dtype=torch.uint8) + 77, p, spec.side(32),
                                      mean=r.mean, std=r.std)
@@ -402,10 +440,37 @@ def test_recipe_from_the_projects_augmentation_yaml():
 
     yaml_recipe = load_recipe("mocov2")
     spec = yaml_recipe.global_views[0]
-    r = AugRecipe.from_view_spec(spec, yaml_recipe.mean, yaml_recipe.std)
+    r = AugRecipe.from_view_spec(spec, yaml_recipe.mean, yaml_recipe.std, image_size=32)
     assert (r.scale, r.flip_p, r.jitter_p, r.hue, r.gray_p) == \
         (tuple(spec.scale), spec.flip, spec.jitter_prob, spec.hue, spec.grayscale)
     assert r.mean == tuple(yaml_recipe.mean) and r.std == tuple(yaml_recipe.std)
+    # mocov2 quotes its sigma at 224 px (blur.sigma_at): its sigma needs the side
+    with pytest.raises(UserInputError, match="pass image_size"):
+        AugRecipe.from_view_spec(spec, yaml_recipe.mean, yaml_recipe.std)
+
+
+@pytest.mark.parametrize("side", [32, 64, 224])
+def test_device_blur_follows_the_recipe_rule_with_or_without_image_size(tmp_path, side):
+    """A sigma in pixels of the view (no sigma_at): the same sigma and kernel whether the
+    side reaches from_view_spec (image_size) or only the blur (out_size)."""
+    from sasi_online.data.augment import load_recipe
+    from sasi_online.kernels.ring_augment import blur_kernel_size
+
+    path = tmp_path / "px.yaml"
+    path.write_text("global:\n  - blur: {prob: 1.0, sigma: [0.1, 1.0]}\n")
+    recipe = load_recipe(str(path))
+    spec = recipe.global_views[0]
+    sized = AugRecipe.from_view_spec(spec, recipe.mean, recipe.std, image_size=side)
+    unsized = AugRecipe.from_view_spec(spec, recipe.mean, recipe.std)
+    assert sized.blur_sigma == unsized.blur_sigma == (0.1, 1.0) and sized.blur_kernel == 7
+    for r in (sized, unsized):
+        p = sample_aug_params(4, (side, side), r, torch.Generator().manual_seed(1))
+        assert blur_kernel_size(p, spec.side(side)) == spec.blur_kernel(side) == 7
+        assert bool((p.blur_sigma >= 0.1).all()) and bool((p.blur_sigma <= 1.0).all())
+    # hand-built parameters without a kernel: the rule on the drawn sigmas, capped at the side
+    plain = AugParams(p.crop, p.flip, p.brightness, p.contrast, p.saturation, p.hue, p.gray,
+                      blur_sigma=torch.tensor([0.5, 2.0, 0.0, 0.0]))
+    assert blur_kernel_size(plain, side) == min(13, side - 1 + side % 2) and blur_kernel_size(plain, 9) == 9
 
 
 # ------------------------------------------------------------------------- InfoNCE

@@ -470,3 +470,12 @@ def test_momentum_schedules_follow_each_methods_published_default():
     byol = make("byol")
     assert byol.momentum_at(0, 100) == byol.base_momentum < byol.momentum_at(50, 100) < 1.0
     assert make("mocov2", momentum_final=1.0).momentum_at(50, 100) > 0.999  # configured wins
+
+
+def test_convnet_backbone_is_small_and_sized_for_32_px():
+    from sasi_online.ssl.backbones import build_backbone
+
+    net, dim = build_backbone("convnet", small_stem=True)
+    assert dim == 256 and net(torch.randn(2, 3, 32, 32)).shape == (2, 256)
+    assert net(torch.randn(1, 3, 16, 16)).shape == (1, 256)  # global pool: any size
+    assert sum(p.numel() for p in net.parameters()) < 500_000  # a ResNet-18 has 11M

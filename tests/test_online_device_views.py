@@ -1,5 +1,7 @@
 """Online views on the device: real views from loader workers (uint8), ring SASI augmented
 on the trainer's device in one batched call, no host sync inside a non-log step."""
+import contextlib
+
 import pytest
 import torch
 
@@ -62,27 +64,58 @@ def test_ring_views_come_from_the_slots_and_real_views_from_the_workers(mode):
             assert float(views[v][r].std(dim=(1, 2)).max()) < 1e-4
 
 
-def no_host_sync_guard(monkeypatch, armed_at):
-    """Tensor.item() and Tensor.cpu() raise inside the step that ends at `done == armed_at`
-    (fault injection). Returns (step_callback, calls made while armed)."""
-    armed, calls = {"on": False}, []
+class HostSyncGuard:
+    """Fault injection over one training step (`train_step` of the step that ends at
+    `done == armed_at`, the views, forward, backward and DeepSpeed's step included):
+    Tensor.item() and Tensor.cpu() raise there, and DeepSpeed's accelerator synchronize()
+    is counted (the CPU accelerator's does nothing, so only a count sees its timers' syncs).
+    `calls`: what was called while armed; `armed_steps`: steps guarded (1 when it ran)."""
 
-    def guard(name):
-        real = getattr(torch.Tensor, name)
+    def __init__(self, monkeypatch, armed_at: int):
+        from deepspeed.accelerator import get_accelerator
 
-        def wrapped(self, *a, **k):
-            if armed["on"]:
-                calls.append(name)
+        from sasi_online.training import loop
+
+        self.armed, self.armed_at, self.calls, self.armed_steps = False, armed_at, [], 0
+        for name in ("item", "cpu"):
+            monkeypatch.setattr(torch.Tensor, name, self._raising(name, getattr(torch.Tensor, name)))
+        accelerator = get_accelerator()
+        monkeypatch.setattr(accelerator, "synchronize", self._counting(accelerator.synchronize))
+        monkeypatch.setattr(loop, "train_step", self._guarded(loop.train_step))
+
+    def _raising(self, name, real):
+        def wrapped(tensor, *a, **k):
+            if self.armed:
+                self.calls.append(name)
                 raise RuntimeError(f"host sync: Tensor.{name}() inside a non-log step")
-            return real(self, *a, **k)
+            return real(tensor, *a, **k)
         return wrapped
 
-    for name in ("item", "cpu"):
-        monkeypatch.setattr(torch.Tensor, name, guard(name))
+    def _counting(self, real):
+        def wrapped(*a, **k):
+            if self.armed:
+                self.calls.append("synchronize")
+            return real(*a, **k)
+        return wrapped
 
-    def step_callback(done, module):
-        armed["on"] = done == armed_at - 1  # armed for the next step only
-    return step_callback, calls
+    def _guarded(self, real):
+        def wrapped(run, step):
+            self.armed = step + 1 == self.armed_at
+            self.armed_steps += int(self.armed)
+            try:
+                return real(run, step)
+            finally:
+                self.armed = False
+        return wrapped
+
+    @contextlib.contextmanager
+    def arm(self):
+        """Guard a block by hand (an engine step outside the loop)."""
+        self.armed, self.armed_steps = True, self.armed_steps + 1
+        try:
+            yield
+        finally:
+            self.armed = False
 
 
 def test_multi_crop_and_mix_views_on_the_device():
@@ -113,6 +146,33 @@ def test_multi_crop_and_mix_views_on_the_device():
     for v in range(4):
         rest = [r for r in range(8) if r not in from_slot]
         torch.testing.assert_close(views[v][rest], real[v][rest])
+
+
+@pytest.mark.parametrize("image_size", [32, 224])
+def test_device_views_blur_with_the_torchvision_parameters(image_size):
+    """BYOL (view 1 always blurred, view 2 rarely): the ring's views draw their sigma in the
+    range and blur with the kernel torchvision's GaussianBlur gets for the same view."""
+    from sasi_online.data.augment import build_torchvision_transform
+    from sasi_online.kernels.ring_augment import blur_kernel_size
+    from sasi_online.online.device_views import _cat_params, _params_for
+
+    cfg = Config()
+    cfg.augment.recipe = "byol"
+    recipe = build_augmenter(cfg.augment, image_size).recipe
+    gen = torch.Generator().manual_seed(0)
+    parts = []
+    for kind in ("global0", "global1"):
+        spec = recipe.spec(kind)
+        tv = [t for t in build_torchvision_transform(recipe, kind, image_size).transforms
+              if type(t).__name__ == "RandomApply"][-1].transforms[0]
+        p = _params_for(spec, recipe, image_size, 64, (40, 40), gen)
+        side = spec.side(image_size)
+        assert blur_kernel_size(p, side) == tv.kernel_size[0] == spec.blur_kernel(image_size)
+        drawn = p.blur_sigma[p.blur_sigma > 0]
+        assert drawn.numel() and float(drawn.min()) >= tv.sigma[0] - 1e-6 and float(drawn.max()) <= tv.sigma[1] + 1e-6
+        parts.append(p)
+    assert blur_kernel_size(_cat_params(parts), side) == spec.blur_kernel(image_size)
+    assert spec.blur_kernel(image_size) == {32: 3, 224: 13}[image_size]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

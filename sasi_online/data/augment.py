@@ -5,9 +5,16 @@ Each view kind is augmented independently per image, so real and SASI streams sh
 recipe but get their own random draws. `plain` is resize + normalise (sasi_no_aug).
 
 Images enter as HWC uint8 numpy arrays (RGB) and leave as normalised float CHW tensors.
+
+Blur: `blur.sigma` is in pixels of the view as trained (its output side), unless
+`blur.sigma_at` names the image side it is quoted at (then scaled by side / sigma_at; the
+shipped recipes quote SimCLR/MoCo's 224-px values). The kernel covers +-3 sigma of the
+largest sigma at the view's side (`blur_kernel_for`). torchvision, DALI and the device
+views (kernels/ring_augment.py) all take both from `ViewSpec.sigma_range`/`blur_kernel`.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -35,21 +42,59 @@ class ViewSpec:
     hue: float = 0.1  # fraction of the hue circle, as torchvision's ColorJitter
     grayscale: float = 0.2
     blur_prob: float = 0.5
-    blur_sigma: tuple = (0.1, 2.0)  # in pixels of a 224 px image; scaled with the side
+    # Gaussian blur sigma range in pixels of `blur_sigma_at`-px images, scaled by side /
+    # blur_sigma_at; blur_sigma_at None: pixels of this view's output side, as given. A recipe
+    # that gives `blur.sigma` without `blur.sigma_at` means None; the default range is
+    # SimCLR/MoCo's, quoted at 224 px.
+    blur_sigma: tuple = (0.1, 2.0)
+    blur_sigma_at: Optional[float] = 224.0
     solarize: float = 0.0
 
     def side(self, image_size: int) -> int:
         return max(4, int(round(self.size * image_size)))
 
-    def blur_kernel(self, image_size: int) -> int:
-        """Odd kernel of ~10% of the side, as SimCLR/MoCo use."""
-        k = int(0.1 * self.side(image_size))
-        return max(3, k // 2 * 2 + 1)
-
     def sigma_range(self, image_size: int) -> tuple[float, float]:
-        # Recipes quote sigma for 224 px images; keep the blur's relative extent at other sides.
-        f = self.side(image_size) / 224.0
-        return (max(self.blur_sigma[0] * f, 1e-3), max(self.blur_sigma[1] * f, 2e-3))
+        """(min, max) blur sigma in pixels of this view's output side at `image_size`."""
+        lo, hi = self.blur_sigma
+        if self.blur_sigma_at is not None:
+            f = self.side(image_size) / float(self.blur_sigma_at)
+            lo, hi = lo * f, hi * f
+        lo = max(lo, 1e-3)
+        return (lo, max(hi, lo))
+
+    def blur_kernel(self, image_size: int) -> int:
+        """Odd kernel side covering +-3 sigma of the largest sigma at the view's side
+        (`blur_kernel_for`); every backend (torchvision, DALI, device views) uses it."""
+        return blur_kernel_for(self.sigma_range(image_size)[1], self.side(image_size))
+
+
+def blur_kernel_for(sigma_max: float, side: Optional[int] = None) -> int:
+    """The blur rule's kernel: odd k = 2 * ceil(3 * sigma_max) + 1 (the Gaussian beyond 3 sigma
+    weighs < 0.3 %), at least 3, at most the largest odd number <= `side` (reflect padding
+    needs k // 2 < side); 1 (no blur) when side < 3. `side` None: no cap."""
+    if not sigma_max > 0:
+        raise UserInputError(f"blur sigma_max={sigma_max}: must be > 0")
+    k = max(3, 2 * math.ceil(round(3.0 * float(sigma_max), 9)) + 1)  # round: 3 * 0.1 * 10 is 3.0000000000000004
+    if side is None:
+        return k
+    side = int(side)
+    return 1 if side < 3 else min(k, (side - 1) // 2 * 2 + 1)
+
+
+def blur_neighbour_weight(sigma: float, kernel: int) -> float:
+    """Weight of each nearest neighbour in the normalised 1-D Gaussian kernel of `kernel`
+    taps at `sigma` px (torchvision's taps), i.e. what one axis of the blur mixes in from
+    the next pixel (the centre tap is 1 minus twice this minus the farther taps). 0 for kernel 1."""
+    kernel = int(kernel)
+    if kernel < 1 or kernel % 2 == 0:
+        raise UserInputError(f"blur kernel={kernel}: must be an odd number >= 1")
+    if not sigma > 0:
+        raise UserInputError(f"blur sigma={sigma}: must be > 0")
+    if kernel == 1:
+        return 0.0
+    x = np.arange(kernel, dtype=np.float64) - (kernel - 1) / 2
+    taps = np.exp(-0.5 * (x / float(sigma)) ** 2)
+    return float(taps[kernel // 2 + 1] / taps.sum())
 
 
 @dataclass
@@ -100,9 +145,7 @@ def _parse_spec(raw: dict, where: str) -> ViewSpec:
     s.saturation = float(j.get("saturation", s.saturation))
     s.hue = float(j.get("hue", s.hue))
     s.grayscale = float(raw.get("grayscale", s.grayscale))
-    b = raw.get("blur", {})
-    s.blur_prob = float(b.get("prob", s.blur_prob))
-    s.blur_sigma = tuple(float(v) for v in b.get("sigma", s.blur_sigma))
+    _parse_blur(s, raw.get("blur", {}), where)
     s.solarize = float(raw.get("solarize", s.solarize))
     for name in ("flip", "jitter_prob", "grayscale", "blur_prob", "solarize"):
         if not 0.0 <= getattr(s, name) <= 1.0:
@@ -111,11 +154,38 @@ def _parse_spec(raw: dict, where: str) -> ViewSpec:
         raise UserInputError(f"{where}: scale must be 0 < min <= max <= 1, got {list(s.scale)}")
     if not (0 < s.ratio[0] <= s.ratio[1]):
         raise UserInputError(f"{where}: ratio must be 0 < min <= max, got {list(s.ratio)}")
-    if not (0 < s.blur_sigma[0] <= s.blur_sigma[1]):
-        raise UserInputError(f"{where}: blur.sigma must be 0 < min <= max, got {list(s.blur_sigma)}")
     if not 0.0 <= s.hue <= 0.5:
         raise UserInputError(f"{where}: jitter.hue must lie in [0, 0.5], got {s.hue}")
     return s
+
+
+_BLUR_KEYS = {"prob", "sigma", "sigma_at"}
+
+
+def _parse_blur(s: ViewSpec, b: dict, where: str) -> None:
+    """`blur: {prob, sigma: [min, max], sigma_at}`: sigma in pixels of the view's output
+    side, or of `sigma_at`-px images (scaled by side / sigma_at) when sigma_at is given."""
+    unknown = set(b) - _BLUR_KEYS
+    if unknown:
+        raise UserInputError(f"{where}: unknown blur keys {sorted(unknown)}; valid: {sorted(_BLUR_KEYS)}")
+    s.blur_prob = float(b.get("prob", s.blur_prob))
+    if "sigma" in b:
+        sigma = b["sigma"]
+        if not isinstance(sigma, (list, tuple)) or len(sigma) != 2 or \
+                not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in sigma):
+            raise UserInputError(f"{where}: blur.sigma must be [min, max] in pixels, got {sigma!r}")
+        s.blur_sigma = tuple(float(v) for v in sigma)
+        s.blur_sigma_at = None  # the recipe's own sigma: pixels of the view, unless sigma_at says
+    if not (0 < s.blur_sigma[0] <= s.blur_sigma[1]):
+        raise UserInputError(f"{where}: blur.sigma must be 0 < min <= max, got {list(s.blur_sigma)}")
+    if "sigma_at" in b and b["sigma_at"] is not None:
+        at = b["sigma_at"]
+        if isinstance(at, bool) or not isinstance(at, (int, float)) or not at > 0 or not math.isfinite(at):
+            raise UserInputError(f"{where}: blur.sigma_at must be a side in pixels > 0 (the image size "
+                                 f"blur.sigma is quoted at, e.g. 224), got {at!r}")
+        s.blur_sigma_at = float(at)
+    elif "sigma_at" in b:  # sigma_at: null, said outright: pixels of the view
+        s.blur_sigma_at = None
 
 
 def load_recipe(name_or_path: str) -> Recipe:

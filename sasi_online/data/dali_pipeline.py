@@ -27,6 +27,14 @@ except ImportError as exc:  # pragma: no cover - depends on the install
     _DALI_ERROR = exc
 
 
+def _uniform(lo: float, hi: float):
+    """A per-sample uniform draw in [lo, hi]; the constant when the range is empty (a recipe's
+    0.0 jitter: DALI's random.uniform refuses end <= start)."""
+    from nvidia.dali import fn
+
+    return fn.random.uniform(range=[lo, hi]) if hi > lo else float(lo)
+
+
 def dali_available() -> bool:
     return _DALI_ERROR is None
 
@@ -63,17 +71,20 @@ def _view_graph(images, spec: ViewSpec | None, side: int, image_size: int, mean,
         if spec.jitter_prob > 0 and fn.random.coin_flip(probability=spec.jitter_prob):
             images = fn.color_twist(
                 images,
-                brightness=fn.random.uniform(range=[1 - spec.brightness, 1 + spec.brightness]),
-                contrast=fn.random.uniform(range=[1 - spec.contrast, 1 + spec.contrast]),
-                saturation=fn.random.uniform(range=[1 - spec.saturation, 1 + spec.saturation]),
-                hue=fn.random.uniform(range=[-spec.hue * 360.0, spec.hue * 360.0]),
+                brightness=_uniform(1 - spec.brightness, 1 + spec.brightness),
+                contrast=_uniform(1 - spec.contrast, 1 + spec.contrast),
+                saturation=_uniform(1 - spec.saturation, 1 + spec.saturation),
+                hue=_uniform(-spec.hue * 360.0, spec.hue * 360.0),
             )
         if spec.grayscale > 0 and fn.random.coin_flip(probability=spec.grayscale):
             images = fn.hsv(images, saturation=0.0)
         if spec.blur_prob > 0 and fn.random.coin_flip(probability=spec.blur_prob):
+            # The ViewSpec's blur rule, as torchvision and the device views: sigma in pixels of
+            # this view's side (scaled from blur.sigma_at when the recipe gives one), the
+            # kernel covering +-3 sigma of the largest sigma, capped at the side.
             lo, hi = spec.sigma_range(image_size)
-            images = fn.gaussian_blur(images, window_size=spec.blur_kernel(image_size),
-                                      sigma=fn.random.uniform(range=[lo, hi]))
+            sigma = _uniform(lo, hi)
+            images = fn.gaussian_blur(images, window_size=spec.blur_kernel(image_size), sigma=sigma)
         if spec.solarize > 0 and fn.random.coin_flip(probability=spec.solarize):
             f = fn.cast(images, dtype=types.FLOAT)
             keep = f < 128.0

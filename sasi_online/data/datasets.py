@@ -247,8 +247,25 @@ def _check_split(name: str, split: str, valid: Iterable[str]) -> None:
         raise UserInputError(f"{name} has no split '{split}'; use data.split = one of {', '.join(valid)}")
 
 
-def load_fashion_mnist(split: str) -> ArrayDataset:
-    _check_split("fashion_mnist", split, ("train", "test"))
+FASHION_MNIST_HOLDOUT = 400  # the embedded train split's last images, the `holdout` split
+
+
+def load_fashion_mnist(split: str, root: Optional[str] = None) -> ArrayDataset:
+    """The embedded subset's `train` (2,000) or `test` (500) images; `holdout`: the last 400
+    train images (train on data.limit <= 1600 to keep them unseen); or `test_full`: the
+    official 10,000-image test split (never seen by the embedded subset's models or runs),
+    read from `root` (default: where `apt-get install dataset-fashion-mnist` puts it)."""
+    _check_split("fashion_mnist", split, ("train", "test", "test_full", "holdout"))
+    if split == "holdout":  # for choosing recipes without the test split: train with data.limit <= 1600
+        with resources.as_file(resources.files("sasi_online") / "assets" / "fashion_mnist" / "subset.npz") as path, \
+                np.load(path) as npz:
+            images, labels = npz["train_images"][-FASHION_MNIST_HOLDOUT:], npz["train_labels"][-FASHION_MNIST_HOLDOUT:]
+        return ArrayDataset("fashion_mnist", split, images, labels, FASHION_MNIST_CLASSES)
+    if split == "test_full":
+        from sasi_online.data.idx import DEFAULT_DATA, load_split
+
+        images, labels = load_split(root or DEFAULT_DATA, "test")
+        return ArrayDataset("fashion_mnist", split, images, labels, FASHION_MNIST_CLASSES)
     ref = resources.files("sasi_online") / "assets" / "fashion_mnist" / "subset.npz"
     with resources.as_file(ref) as path, np.load(path) as npz:
         images, labels = npz[f"{split}_images"], npz[f"{split}_labels"]
@@ -343,7 +360,7 @@ def build_dataset(cfg: DataConfig, split: str | None = None) -> IndexedDataset:
     split = split or cfg.split
     name = cfg.name.lower()
     if name == "fashion_mnist":
-        ds: IndexedDataset = load_fashion_mnist(split)
+        ds: IndexedDataset = load_fashion_mnist(split, cfg.root)
     elif name in _LOADERS:
         if not cfg.root:
             raise UserInputError(

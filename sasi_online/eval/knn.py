@@ -15,10 +15,12 @@ from sasi_online.eval.metrics import topk_accuracy
 @torch.no_grad()
 def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
                 k: int = 200, t: float = 0.07, num_classes: int | None = None,
-                chunk: int = 1024) -> torch.Tensor:
+                chunk: int = 1024, center: bool = False) -> torch.Tensor:
     """Class scores [N_test, C] of the weighted kNN vote.
 
-    Features are L2-normalised here, so callers may pass raw backbone outputs. Test rows
+    Features are L2-normalised here, so callers may pass raw backbone outputs. `center`:
+    subtract the bank's mean feature first (post-ReLU features share a large common
+    component that makes every cosine near 1 and the vote nearly uniform). Test rows
     are processed in chunks so an ImageNet-size bank fits in memory.
     """
     if train_feats.ndim != 2 or test_feats.ndim != 2 or train_feats.shape[1] != test_feats.shape[1]:
@@ -31,10 +33,12 @@ def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feat
     train_labels = train_labels.long().to(train_feats.device)
     num_classes = int(num_classes or int(train_labels.max()) + 1)
     k = min(k, len(train_feats))
-    bank = F.normalize(train_feats.float(), dim=1)
+    mean = train_feats.float().mean(0, keepdim=True) if center else None
+    bank = F.normalize(train_feats.float() - mean if center else train_feats.float(), dim=1)
     scores = []
     for start in range(0, len(test_feats), chunk):
-        query = F.normalize(test_feats[start:start + chunk].float().to(bank.device), dim=1)
+        query = test_feats[start:start + chunk].float().to(bank.device)
+        query = F.normalize(query - mean if center else query, dim=1)
         sim, idx = (query @ bank.T).topk(k, dim=1)
         weights = (sim / t).exp()
         votes = torch.zeros(len(query), num_classes, device=bank.device, dtype=weights.dtype)
@@ -47,8 +51,8 @@ def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feat
 
 def knn_evaluate(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
                  test_labels: torch.Tensor, k: int = 200, t: float = 0.07,
-                 num_classes: int | None = None) -> dict:
-    """{"top1", "top5", "k", "t"}: accuracies in percent."""
+                 num_classes: int | None = None, center: bool = False) -> dict:
+    """{"top1", "top5", "k", "t", "center"}: accuracies in percent."""
     num_classes = num_classes or int(max(int(train_labels.max()), int(test_labels.max()))) + 1
-    scores = knn_predict(train_feats, train_labels, test_feats, k=k, t=t, num_classes=num_classes)
-    return {**topk_accuracy(scores, test_labels), "k": min(k, len(train_feats)), "t": t}
+    scores = knn_predict(train_feats, train_labels, test_feats, k=k, t=t, num_classes=num_classes, center=center)
+    return {**topk_accuracy(scores, test_labels), "k": min(k, len(train_feats)), "t": t, "center": center}

@@ -259,7 +259,7 @@ def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path | None = Non
 
     if not results.has("knn"):
         results.put(knn_evaluate(dev(train.feats), dev(train.labels), dev(test.feats), dev(test.labels),
-                                 k=ev.knn_k, t=ev.knn_t, num_classes=num_classes), "knn")
+                                 k=ev.knn_k, t=ev.knn_t, num_classes=num_classes, center=ev.knn_center), "knn")
     if not results.has("linear") and ev.linear == "sgd":
         proto = SgdProtocol(ev.linear_epochs, ev.linear_lr, ev.linear_batch_size, seed=ev.seed,
                             num_workers=ev.num_workers)
