@@ -21,7 +21,8 @@ dataset-fashion-mnist`), or on the embedded 500 with --test-split embedded:
   VAE control       the image itself through the SASI path's VAE round trip at 64 px (no
                     denoising): a SASI gain beyond this one is due to generation;
   online            online.mode=colocated: the trainer makes its own SASI between steps.
-Seeds: --seeds (5) paired seeds for base and SASI image 0.5, --control-seeds (2) for the rest.
+Seeds: --seeds (5) paired seeds for base and SASI image 0.5, --power-seeds (3) for the positive
+control, --control-seeds (2) for the rest.
 Encoder: a 4-block conv-BN-ReLU CNN (method.backbone=convnet), batch 64, 800 steps, SGD with
 warm-up and a cosine; SASI from the micro model set (`build_micro`, built into OUT/zoo unless
 --zoo is given) at 64 px, BLIP-2 captions + LLaMA rewrites, 5 DPM-Solver++ steps, CFG 2.
@@ -63,7 +64,7 @@ class Arm:
     strength: float = 0.5
     per_image: int = 1
     control: str = ""  # same_class | vae (source control)
-    main: bool = False  # one of the two arms with --seeds seeds
+    seeds: str = "other"  # main (--seeds: base, SASI image 0.5) | power (--power-seeds) | other (--control-seeds)
 
     @property
     def slug(self) -> str:
@@ -76,9 +77,9 @@ DEFAULT_SASI = "SASI image 0.5"
 
 def plan_arms(sweep: bool = False, per_image=(), pair_modes=()) -> list[Arm]:
     """The default arms; then offline arms that change one factor each (the paper's ablations)."""
-    arms = [Arm("random features", "random", "base"), Arm("base", "none", "base", main=True),
-            Arm(DEFAULT_SASI, "offline", main=True), Arm("SASI mix", "offline", vp="mix"),
-            Arm("positive control", "control", control="same_class"),
+    arms = [Arm("random features", "random", "base"), Arm("base", "none", "base", seeds="main"),
+            Arm(DEFAULT_SASI, "offline", seeds="main"), Arm("SASI mix", "offline", vp="mix"),
+            Arm("positive control", "control", control="same_class", seeds="power"),
             Arm("VAE control", "control", control="vae"), Arm("online", "online")]
     extra = []
     if sweep:
@@ -142,15 +143,10 @@ def _store_job(arm: Arm, seed: int, out: Path, common: list[str], recipe: str, m
             "fingerprint": _fingerprint(recipe, over, arm.control, identity)}
 
 
-def _seeds_of(arm: Arm, seeds: list[int], control_seeds: list[int]) -> list[int]:
-    return seeds if arm.main else control_seeds
-
-
-def make_jobs(arms: list[Arm], seeds: list[int], out: Path, common: list[str], evaluation: list[str],
-              control_seeds: list[int] | None = None) -> list[dict]:
+def make_jobs(arms: list[Arm], seeds: dict[str, list[int]], out: Path, common: list[str],
+              evaluation: list[str]) -> list[dict]:
     """Store jobs (per VP setting and seed; control stores), one train+eval job per (arm, seed),
-    and the raw-pixel evaluation."""
-    control_seeds = seeds[:2] if control_seeds is None else control_seeds
+    and the raw-pixel evaluation. `seeds`: the seeds of each Arm.seeds role."""
     recipe = CONFIG.read_text(encoding="utf-8") + AUGMENT.read_text(encoding="utf-8")
     models = {a.vp: models_identity(common, a.vp) for a in arms if a.source in ("offline", "online")}
     if any(a.control == "vae" for a in arms):
@@ -160,11 +156,11 @@ def make_jobs(arms: list[Arm], seeds: list[int], out: Path, common: list[str], e
                                         "fingerprint": _fingerprint([o for o in common if o.startswith(
                                             ("data.", "augment."))], evaluation)}}
     for arm in arms:
-        for seed in _seeds_of(arm, seeds, control_seeds):
+        for seed in seeds[arm.seeds]:
             if arm.source in ("offline", "control") and store_key(arm, seed) not in jobs:
                 jobs[store_key(arm, seed)] = _store_job(arm, seed, out, common, recipe, models)
     for arm in arms:
-        for seed in _seeds_of(arm, seeds, control_seeds):
+        for seed in seeds[arm.seeds]:
             key = f"{arm.slug}_s{seed}"
             over = [*common, f"train.seed={seed}", f"generation.seed={seed}", *_vp_overrides(arm),
                     f"generation.strength={arm.strength}", f"train.pair_mode={arm.pair_mode}"]
@@ -558,8 +554,7 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def _settings(args, out: Path, zoo: Path, seeds: list[int], control_seeds: list[int], common: list[str],
-              evaluation: list[str]) -> dict:
+def _settings(args, out: Path, zoo: Path, seeds: dict, common: list[str], evaluation: list[str]) -> dict:
     from sasi_online.config import load_config
     from sasi_online.data.datasets import build_dataset
 
@@ -567,7 +562,7 @@ def _settings(args, out: Path, zoo: Path, seeds: list[int], control_seeds: list[
     manifest = json.loads((zoo / "zoo.json").read_text(encoding="utf-8"))
     trained = manifest.get("trained") or []
     return {"config": str(CONFIG.relative_to(REPO)), "augment": str(AUGMENT.relative_to(REPO)),
-            "overrides": args.overrides, "seeds": seeds, "control_seeds": control_seeds,
+            "overrides": args.overrides, "seeds": seeds,
             "steps": cfg.train.steps, "batch_size": cfg.train.batch_size, "limit": cfg.data.limit,
             "encoder": f"{cfg.method.name}, {cfg.method.backbone} at {cfg.data.image_size} px",
             "test_split": cfg.eval.test_split, "test_images": len(build_dataset(cfg.data, cfg.eval.test_split)),
@@ -596,6 +591,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--zoo", help="model set folder (default: the micro set, built into OUT/zoo)")
     ap.add_argument("--seeds", type=int, default=5,
                     help="paired seeds 0..N-1 of base and the default SASI arm (>= 2 for an interval)")
+    ap.add_argument("--power-seeds", type=int, default=3,
+                    help="seeds 0..N-1 of the positive control (3: t = 4.30, where 2 seeds give 12.7)")
     ap.add_argument("--control-seeds", type=int, default=2, help="seeds 0..N-1 of every other arm")
     ap.add_argument("--steps", type=int, help="training steps per run (default: bench/science.yaml's)")
     ap.add_argument("--limit", type=int, help="use only the first N train images (smoke runs)")
@@ -646,7 +643,8 @@ def main(argv=None) -> dict:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     zoo = _zoo(args, out)
-    seeds, control_seeds = list(range(args.seeds)), list(range(args.control_seeds))
+    seeds = {"main": list(range(args.seeds)), "power": list(range(args.power_seeds)),
+             "other": list(range(args.control_seeds))}
     common, evaluation = _common(args, zoo)
     arms = plan_arms(args.sweep, args.sasi_per_image, args.pair_modes)
     if args.arms:
@@ -654,8 +652,8 @@ def main(argv=None) -> dict:
         if unknown:
             raise SystemExit(f"--arms: unknown arm(s) {', '.join(unknown)}; planned: {', '.join(a.name for a in arms)}")
         arms = [a for a in arms if a.name in args.arms]
-    jobs = make_jobs(arms, seeds, out, common, evaluation, control_seeds)
-    results = {"settings": _settings(args, out, zoo, seeds, control_seeds, common, evaluation),
+    jobs = make_jobs(arms, seeds, out, common, evaluation)
+    results = {"settings": _settings(args, out, zoo, seeds, common, evaluation),
                "arms": [asdict(a) for a in arms], "pixels": None, "per_seed": {}, "stores": {}, "summary": {}}
 
     def on_result(job: dict, res: dict) -> None:
@@ -673,8 +671,8 @@ def main(argv=None) -> dict:
         results["settings"]["wall_s_this_run"] = round(time.perf_counter() - t0, 1)
         write_results(out, results)
 
-    print(f"science bench: {len(arms)} arms, seeds {seeds} (base, {DEFAULT_SASI}) and {control_seeds} (the rest) "
-          f"-> {out}", flush=True)
+    print(f"science bench: {len(arms)} arms, seeds {seeds['main']} (base, {DEFAULT_SASI}), {seeds['power']} "
+          f"(positive control), {seeds['other']} (the rest) -> {out}", flush=True)
     failed = run_jobs(jobs, args.jobs, out, on_result)
     results["settings"].update(failed=failed, wall_s_this_run=round(time.perf_counter() - t0, 1),
                                finished=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()))

@@ -73,7 +73,8 @@ def test_arms_vary_one_factor_and_drop_duplicates():
     assert names == ["random features", "base", "SASI image 0.5", "SASI mix", "positive control", "VAE control",
                      "online", "SASI image 0.75", "SASI image 0.9", "SASI mask", "SASI text-to-image", "SASI ×3",
                      "SASI pair=mix"]
-    assert [a.name for a in arms if a.main] == ["base", "SASI image 0.5"]  # the arms with --seeds seeds
+    assert [a.name for a in arms if a.seeds == "main"] == ["base", "SASI image 0.5"]  # --seeds seeds
+    assert [a.name for a in arms if a.seeds == "power"] == ["positive control"]  # --power-seeds
     assert len({a.slug for a in arms}) == len(arms) and all(" " not in a.slug for a in arms)
 
 
@@ -105,7 +106,7 @@ def test_power_says_whether_the_positive_control_is_above_zero():
 
 def test_two_step_run_of_every_arm_then_resume(tmp_path, tiny_zoo, capsys):
     bench = _bench()
-    argv = ["--out", str(tmp_path), "--zoo", str(tiny_zoo), "--steps", "2", "--seeds", "2", "--control-seeds", "1",
+    argv = ["--out", str(tmp_path), "--zoo", str(tiny_zoo), "--steps", "2", "--seeds", "2", "--power-seeds", "1", "--control-seeds", "1",
             "--limit", "32", "--test-split", "embedded", "--jobs", "0", "--pair-modes", "mix", "train.batch_size=16",
             "method.queue_size=32", "data.image_size=16", "generation.batch_size=8", "online.start_sasi=8"]
     results = bench.main(argv)
