@@ -226,6 +226,12 @@ class OnlineConfig:
     # colocated: each trainer generates on its own device between steps (one GPU is enough)
     mode: str = "launched"
     producers: int = 0  # ranks that generate (launched mode); 0 = offline training
+    # Where the producers sit. 0: the last `producers` ranks of the job (on one node, or on the
+    # last node(s)). P > 0: the last P local ranks of every node (e.g. 2 of 8 GPUs per node),
+    # so each node's producers feed the trainers of the job from beside them; `producers`
+    # must then be P x nodes. Read from the launcher's LOCAL_SIZE (deepspeed) or
+    # LOCAL_WORLD_SIZE (torchrun).
+    producers_per_node: int = 0
     colocated_every: int = 1  # colocated: one producer batch every K micro-steps
     ring_slots: int = 256
     # Side of a ring slot (a SASI and its real image, resized once by the producer); 0: the

@@ -185,7 +185,8 @@ def train(cfg: Config, *, stop_at: Optional[int] = None,
     try:
         from sasi_online.online.roles import setup_roles
 
-        roles = setup_roles(cfg.online.producers, cfg.train.dist_timeout_s, cfg.online.mode)
+        roles = setup_roles(cfg.online.producers, cfg.train.dist_timeout_s, cfg.online.mode,
+                            cfg.online.producers_per_node)
         validate(cfg, num_trainers=roles.num_trainers)
         if roles.is_producer:
             from sasi_online.online.producer import run_producer

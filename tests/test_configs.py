@@ -143,3 +143,23 @@ def test_sasi_train_with_a_shipped_name_from_another_folder(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "trained 2 steps" in r.stdout
     assert (tmp_path / "run" / "config.yaml").is_file()
+
+
+@pytest.mark.parametrize("name", ["online_1gpu", "online_8gpu"])
+def test_ring_size_comments_match_the_rings_slot_layout(name):
+    """The GiB a config's `ring_slots` comment states is what the ring allocates (slots x
+    the slot the code builds for that config: SASI and real image at the slot side)."""
+    import re
+
+    from sasi_online.online.ring import RingPool
+    from sasi_online.online.slots import slot_shape
+
+    line = next(x for x in (REPO / "configs" / f"{name}.yaml").read_text().splitlines()
+                if x.strip().startswith("ring_slots:"))
+    stated = float(re.search(r"= ([0-9.]+) GiB", line).group(1))
+    side = re.search(r"2x(\d+)x\d+x3", line).group(1)
+    cfg = load_config(REPO / "configs" / f"{name}.yaml")
+    shape = slot_shape(cfg)
+    ring = RingPool(1, shape, max_reuse=1, max_age=1, dataset_size=1)
+    assert (shape[0], str(shape[1])) == (2, side)
+    assert stated == round(cfg.online.ring_slots * ring.bytes_per_slot / 2 ** 30, 2)

@@ -1,7 +1,10 @@
 """DeepSpeed's conventions: a user's --deepspeed_config JSON merged over the generated one
 (project-owned keys refused), global_stepN tags (old step_NNNNNNN checkpoints still
 resume), DeepSpeed's own zero_to_fp32 on ZeRO-1/2 checkpoints, and `sasi export` from a
-checkpoint folder, a tag, or the consolidated state dict."""
+checkpoint folder, a tag, or the consolidated state dict. No device sync inside a step:
+no timers, no FP16_UnfusedOptimizer for bf16 (stage 0 runs at stage 1; its old
+checkpoints resume exactly)."""
+import contextlib
 import json
 import shutil
 
@@ -112,3 +115,115 @@ def test_zero0_checkpoint_exports_without_conversion(tmp_path):
                  "--out", str(tmp_path / "no.pth")]) == 2
     state = torch.load(tmp_path / "tv.pth", weights_only=True)
     assert "conv1.weight" in state and "fc.weight" not in state
+
+
+# ----------------------------------------------------------------------------- no syncs in a step
+def _engine(tmp_path, **train):
+    from test_train import tiny_method
+
+    from sasi_online.online.roles import setup_roles
+    from sasi_online.training.loop import _model_and_engine
+
+    cfg = tiny_cfg(tmp_path / "run", train={"batch_size": 8, **train})
+    engine, _, memory_format = _model_and_engine(cfg, setup_roles(0), tiny_method, lambda m: None, 64)
+    return engine, memory_format
+
+
+def _steps(engine, n, dtype):
+    g = torch.Generator().manual_seed(0)
+    for _ in range(n):
+        views = [torch.rand(8, 3, 16, 16, generator=g).to(dtype) for _ in range(2)]
+        res = engine(views, 0, 10)
+        engine.backward(res["loss"])
+        engine.step()
+
+
+@pytest.fixture
+def one_rank():
+    from sasi_online.training.engine import destroy_process_group, init_process_group
+
+    created = init_process_group()
+    yield
+    if created:
+        destroy_process_group()
+
+
+@pytest.mark.parametrize("precision,zero,runs_at", [("bf16", 0, 1), ("bf16", 2, 2), ("fp32", 0, 0)])
+def test_engine_step_has_no_timers_no_unfused_optimizer_no_sync(tmp_path, monkeypatch, capsys, one_rank,
+                                                                 precision, zero, runs_at):
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    from test_online_device_views import HostSyncGuard
+
+    from sasi_online.training.engine import ZERO0_BF16_NOTE
+
+    engine, memory_format = _engine(tmp_path, precision=precision, zero_stage=zero)
+    assert not isinstance(engine.optimizer, FP16_UnfusedOptimizer)
+    assert engine.zero_optimization_stage() == runs_at
+    assert type(engine.optimizer).__name__ == ("DeepSpeedZeroOptimizer" if runs_at else "SGD")
+    assert (ZERO0_BF16_NOTE in capsys.readouterr().out) == (runs_at != zero)  # one line, when mapped
+    timer = engine.tput_timer.config
+    assert not timer.enabled and not timer.synchronized and not engine.wall_clock_breakdown()
+    assert memory_format == torch.preserve_format and not torch.backends.cudnn.benchmark  # a CPU: as it was
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    guard = HostSyncGuard(monkeypatch, armed_at=-1)
+    _steps(engine, 2, dtype)  # DeepSpeed's timers start counting at its global step 2
+    with guard.arm():
+        _steps(engine, 2, dtype)
+    assert guard.calls == []
+
+
+def test_sync_count_sees_deepspeeds_throughput_timer(monkeypatch, one_rank):
+    """The control for the test above: with DeepSpeed's default timer the count is not 0."""
+    from test_online_device_views import HostSyncGuard
+    from test_train import tiny_backbone
+
+    from sasi_online.online.roles import setup_roles
+    from sasi_online.training.engine import build_engine
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(tiny_backbone()[0], torch.nn.Linear(64, 1))
+    engine = build_engine(model, torch.optim.SGD(model.parameters(), lr=0.1), None,
+                          {"train_micro_batch_size_per_gpu": 4, "train_batch_size": 4, "steps_per_print": 10 ** 9},
+                          setup_roles(0).mpu)
+    guard = HostSyncGuard(monkeypatch, armed_at=-1)
+    for step in range(4):
+        with guard.arm() if step >= 2 else contextlib.nullcontext():
+            engine.backward(engine(torch.rand(4, 3, 16, 16)).pow(2).mean())
+            engine.step()
+    assert guard.calls.count("synchronize") >= 2 and set(guard.calls) == {"synchronize"}
+
+
+def test_bf16_stage0_checkpoint_resumes_exactly_at_stage1(tmp_path, monkeypatch):
+    """A checkpoint written by the stage-0 bf16 path (FP16_UnfusedOptimizer: optimizer in the
+    model-states file, no ZeRO files) resumes at stage 1 with its fp32 masters and momentum:
+    steps 3-4 match the run that stayed at stage 0 bit for bit, and the resumed step 3
+    syncs nothing (real views from a loader worker)."""
+    from test_online_device_views import HostSyncGuard
+
+    from sasi_online.training import engine as eng
+
+    over = dict(train={"precision": "bf16", "zero_stage": 0, "batch_size": 16})
+    final = {}
+
+    def keep(name):
+        def callback(done, module):
+            if done == 4:
+                final[name] = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        return callback
+
+    with monkeypatch.context() as old_path:
+        old_path.setattr(eng, "zero_stage_for", lambda t: t.zero_stage)  # the stage-0 path as it was
+        stayed = _train(tiny_cfg(tmp_path / "stayed", **over), step_callback=keep("stayed"))
+        _train(tiny_cfg(tmp_path / "cut", **over), stop_at=2)
+    folder = tmp_path / "cut/checkpoints/global_step2"
+    assert not list(folder.glob("*optim_states.pt"))  # written at stage 0
+    assert "fp32_groups" in torch.load(folder / "mp_rank_00_model_states.pt", weights_only=False)["optimizer"]
+    guard = HostSyncGuard(monkeypatch, armed_at=3)
+    resumed = _train(tiny_cfg(tmp_path / "cut", train={**over["train"], "num_workers": 1}),
+                     step_callback=keep("resumed"))
+    assert guard.armed_steps == 1 and guard.calls == []
+    assert sorted(resumed.losses) == [3, 4]
+    assert resumed.losses == {s: stayed.losses[s] for s in (3, 4)}
+    for k, v in final["stayed"].items():
+        assert torch.equal(final["resumed"][k], v), k
+    assert list((tmp_path / "cut/checkpoints/global_step4").glob("*optim_states.pt"))  # now at stage 1

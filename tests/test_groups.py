@@ -95,12 +95,62 @@ def test_two_ranks_on_one_gpu_name_the_colocated_mode():
     check_devices("launched", local_ranks=8, gpus=8)
 
 
+def _launcher_env(launcher: str, rank: int, nodes: int = 2, per_node: int = 8) -> dict:
+    """A rank's environment as each launcher sets it (deepspeed/launcher/launch.py;
+    torch.distributed.run's elastic agent), ranks numbered node by node."""
+    node, local = divmod(rank, per_node)
+    env = {"RANK": str(rank), "WORLD_SIZE": str(nodes * per_node), "LOCAL_RANK": str(local),
+           "MASTER_ADDR": "node0", "MASTER_PORT": "29500"}
+    if launcher == "deepspeed":
+        return {**env, "LOCAL_SIZE": str(per_node), "CROSS_RANK": str(node), "CROSS_SIZE": str(nodes)}
+    return {**env, "LOCAL_WORLD_SIZE": str(per_node), "GROUP_RANK": str(node), "GROUP_WORLD_SIZE": str(nodes),
+            "ROLE_RANK": str(rank), "ROLE_WORLD_SIZE": str(nodes * per_node)}
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
+def test_role_map_of_two_nodes_of_eight_gpus_from_each_launcher(launcher):
+    from sasi_online.errors import UserInputError
+    from sasi_online.online.roles import check_devices, local_layout, producer_ranks_for
+
+    maps = set()
+    for rank in range(16):
+        layout = local_layout(_launcher_env(launcher, rank), world=16)
+        assert (layout.local_rank, layout.local_size, layout.nodes) == (rank % 8, 8, 2)
+        check_devices("launched", layout.local_size, gpus=8)  # 8 ranks on each node's 8 GPUs
+        maps.add((tuple(producer_ranks_for(16, 4, 2, layout, rank)),  # online.producers_per_node=2
+                  tuple(producer_ranks_for(16, 4, 0, layout, rank))))  # default: the last ranks overall
+    assert maps == {((6, 7, 14, 15), (12, 13, 14, 15))}  # every rank draws the same map; rank 0 trains
+    layout = local_layout(_launcher_env(launcher, 9), world=16)
+    with pytest.raises(UserInputError, match="online.producers=4"):
+        producer_ranks_for(16, 3, 2, layout, 9)
+    with pytest.raises(UserInputError, match="between 0 and 7"):
+        producer_ranks_for(16, 16, 8, layout, 9)
+    uneven = local_layout(_launcher_env(launcher, 9, nodes=3), world=20)  # 8 + 8 + 4 ranks
+    with pytest.raises(UserInputError, match="same number of ranks on every node"):
+        producer_ranks_for(20, 6, 2, uneven, 9)
+    with pytest.raises(UserInputError, match="at most 8 ranks per machine"):
+        check_devices("launched", local_layout(_launcher_env(launcher, 0, per_node=9), 18).local_size, gpus=8)
+    assert local_layout({}, world=3) == type(layout)(local_rank=0, local_size=3, nodes=None)  # no launcher
+
+
+def test_producers_per_node_is_a_launched_mode_option():
+    from sasi_online.config import Config
+    from sasi_online.errors import UserInputError
+    from sasi_online.online.settings import check_online_config
+
+    cfg = Config()
+    cfg.online.mode, cfg.online.producers_per_node = "colocated", 1
+    with pytest.raises(UserInputError, match="online.producers_per_node=0"):
+        check_online_config(cfg)
+
+
 def test_colocated_one_trainer_trains_checkpoints_and_resumes(tiny_zoo, tmp_path, monkeypatch):
     """One process, no launcher: the trainer makes its own SASI (one GPU's case). Real views
-    come from a loader worker; step 2 after the resume (no log, no producer batch there:
-    colocated_every=3) raises on any Tensor.item() / Tensor.cpu(): nothing in the data path,
-    the device views, forward or backward reads back from the device."""
-    from test_online_device_views import no_host_sync_guard
+    come from a loader worker; the first step after the resume (step 3: no log, no producer
+    batch there, colocated_every=3) raises on any Tensor.item() / Tensor.cpu() and counts
+    DeepSpeed's accelerator syncs: nothing in the data path, the device views, forward,
+    backward or DeepSpeed's step reads back from the device or waits for it."""
+    from test_online_device_views import HostSyncGuard
     from test_train import tiny_method
 
     from sasi_online.train import train
@@ -112,9 +162,9 @@ def test_colocated_one_trainer_trains_checkpoints_and_resumes(tiny_zoo, tmp_path
     assert first.step == 2
     check_colocated_accounting(out, 2, 1)
     held = int((torch.load(out / "checkpoints/global_step2/ring_rank0.pt", weights_only=True)["ring"]["index"] >= 0).sum())
-    step_callback, synced = no_host_sync_guard(monkeypatch, armed_at=3)
-    resumed = train(colocated_cfg(tiny_zoo, out, *more), method_factory=tiny_method, step_callback=step_callback)
-    assert not synced and resumed.step == 4
+    guard = HostSyncGuard(monkeypatch, armed_at=3)
+    resumed = train(colocated_cfg(tiny_zoo, out, *more), method_factory=tiny_method)
+    assert guard.armed_steps == 1 and not guard.calls and resumed.step == 4
     assert sorted(resumed.losses) == [4]  # continued from step 2
     check_colocated_accounting(out, 4, 1)  # counts continued across the resume
     # the checkpoint held no pixels: what the ring held was dropped, then refilled from the store

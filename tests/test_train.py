@@ -244,3 +244,35 @@ def test_store_of_another_dataset_is_refused(tmp_path):
     cfg = tiny_cfg(tmp_path / "run", store={"path": str(tmp_path / "store")}, train={"pair_mode": "sasi"})
     with pytest.raises(UserInputError, match="does not match the training data"):
         _train(cfg)
+
+
+def test_cuda_speed_settings_are_chosen_by_device(monkeypatch):
+    """channels_last and cuDNN's autotuner for a CNN on CUDA, fused SGD/AdamW on CUDA; a CPU
+    run and a ViT-like backbone (one patch convolution) keep their defaults. The choice is
+    made from the device, so it is checked here on CPU-resident modules."""
+    from sasi_online.config import OptimConfig
+    from sasi_online.training.optim import build_optimizer
+    from sasi_online.training.speed import apply_backbone_settings
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+
+    def method(backbone):
+        m = nn.Module()
+        m.backbone, m.head = backbone, nn.Linear(4, 4)
+        return m
+
+    cnn = method(tiny_backbone()[0])
+    assert apply_backbone_settings(cnn, cpu) == torch.preserve_format and not torch.backends.cudnn.benchmark
+    assert all(p.is_contiguous() for p in cnn.parameters())
+    vit_like = method(nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.Flatten(), nn.Linear(8 * 16, 4)))
+    assert apply_backbone_settings(vit_like, cuda) == torch.preserve_format and not torch.backends.cudnn.benchmark
+    assert apply_backbone_settings(cnn, cuda) == torch.channels_last and torch.backends.cudnn.benchmark
+    convs = [m.weight for m in cnn.modules() if isinstance(m, nn.Conv2d)]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs)
+
+    groups = [{"params": list(cnn.parameters())}]
+    for name in ("sgd", "adamw"):
+        cfg = OptimConfig(name=name, lr=0.1, momentum=0.9, weight_decay=0.0)
+        assert build_optimizer(cfg, groups, 256, cuda).defaults["fused"] is True
+        assert not build_optimizer(cfg, groups, 256, cpu).defaults.get("fused")

@@ -19,7 +19,10 @@ checkpoint protocol until the trainers finish, so the job still saves and ends c
 When no producer is left (or no SASI came in time) the trainers stop the run at a
 checkpoint (online/health.py) and every rank, this one included, exits with the error.
 Every wait here polls the job's key-value store without blocking: a slow peer (a long
-model load, a long batch) never runs a collective or a store read into its timeout.
+model load, a long batch) never runs a collective or a store read into its timeout. An
+idle producer reads the store once per protocol.POLL_S (the trainers' state in one
+request, the credits in at most one more) and publishes its stats at most every
+STATS_EVERY_S, so that waiting producers do not load the first trainer, the store's host.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ from .transport import HostStager, SasiSender, default_store, is_ready
 log = logging.getLogger(__name__)
 
 PRODUCER_STATE = "producer_rank{rank}.pt"
+STATS_EVERY_S = 1.0  # an idle producer's stats (wall time, lead) refreshed at most this often
 
 
 class InjectedFault(RuntimeError):
@@ -143,6 +147,7 @@ class SasiFactory:
         or None when there is nothing to do or the batch failed (counted, skipped)."""
         if batch_no == 0 and self.delay_s > 0:
             time.sleep(self.delay_s)  # online.fault_delay_s: a long model load
+            self.delay_s = 0.0  # once (batch 0 may be asked for again while there is nothing to plan)
         items, by_item = self._jobs(now)
         if not items:
             return None
@@ -225,6 +230,7 @@ class Producer(SasiFactory):
         self.outbox: dict[int, list[tuple]] = {t: [] for t in roles.trainer_ranks}
         self.saves_done = 0
         self.stager: Optional[HostStager] = None
+        self._stats_at = float("-inf")  # when the stats were last published
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -258,9 +264,11 @@ class Producer(SasiFactory):
         log.info("producer rank %d resumed from %s", self.roles.rank, found[0])
 
     # ------------------------------------------------------------------ checkpoints
-    def serve_saves(self) -> None:
-        """Answer every announced checkpoint: write state, report sends, wait for the save."""
-        while self.saves_done < self.coord.saves_requested():
+    def serve_saves(self, requested: int) -> int:
+        """Answer every announced checkpoint up to `requested` (ProducerView.saves_requested):
+        write state, report sends, wait for the save. Returns how many it answered."""
+        first = self.saves_done
+        while self.saves_done < requested:
             k = self.saves_done + 1
             step = self.coord.save_step(k)
             path = _state_path(self.ckpt_dir, step, self.roles.rank)
@@ -274,8 +282,9 @@ class Producer(SasiFactory):
                 warnings.warn(f"producer rank {self.roles.rank}: its state is missing from checkpoint step {step} "
                               f"({exc!r}); a resume from it starts this producer's accounting afresh")
             self.coord.report_sent(k, self.roles.rank, self.sender.sent)
-            self.coord.wait_saved(k, should_stop=self.coord.trainers_done)
+            self.coord.wait_saved(k)
             self.saves_done = k
+        return self.saves_done - first
 
     # ------------------------------------------------------------------ sending
     def _queue(self, made, jobs_by_item: dict) -> None:
@@ -296,6 +305,7 @@ class Producer(SasiFactory):
                                        host, event))
 
     def flush(self) -> None:
+        """Send what the outbox holds while credits last (credits: at most one store read)."""
         for t, msgs in self.outbox.items():
             while msgs and is_ready(msgs[0][3]) and self.sender.send(t, msgs[0][0], msgs[0][1], msgs[0][2]):
                 self.counts["sent"] += len(msgs.pop(0)[0])
@@ -303,12 +313,13 @@ class Producer(SasiFactory):
     def outbox_full(self) -> bool:
         return sum(len(m) for m in self.outbox.values()) >= 2 * len(self.outbox)
 
-    def produce_one(self, batch_no: int) -> int:
-        """Plan and make one batch; returns the number of SASI queued (0: nothing to do)."""
-        now = self.coord.trainer_step()
+    def produce_one(self, batch_no: int, now: int) -> Optional[int]:
+        """Plan and make one batch at trainer micro-step `now`; returns the number of SASI
+        queued, or None when there was nothing to plan (no batch tried)."""
+        failed_before = self.counts["failed_batches"]
         got = self.make_batch(batch_no, now)
-        if got is None:
-            return 0
+        if got is None:  # a failed batch (counted) or no job to plan
+            return 0 if self.counts["failed_batches"] > failed_before else None
         made, by_item = got
         if len(made):
             self._queue(made, by_item)
@@ -316,19 +327,31 @@ class Producer(SasiFactory):
             self.planner.observe_latency(self.coord.trainer_step() - now)
         return len(made)
 
+    def publish_stats(self, force: bool = False) -> None:
+        """After a batch (force) or, idle, at most every STATS_EVERY_S."""
+        if force or time.perf_counter() - self._stats_at >= STATS_EVERY_S:
+            self.coord.publish_stats(self.producer_id, self.stats())
+            self._stats_at = time.perf_counter()
+
     # ------------------------------------------------------------------ loop
     def loop(self) -> None:
         batch_no = 0
-        while not self.coord.trainers_done():
-            self.serve_saves()
+        while not (view := self.coord.producer_view()).trainers_done:
+            served = self.serve_saves(view.saves_requested)
             self.flush()
             if self.outbox_full():
+                self.publish_stats()
                 time.sleep(self.coord.poll_s)
                 continue
             self.check_loop_fault(batch_no)
-            made = self.produce_one(batch_no)
+            now = self.coord.trainer_step() if served else view.trainer_step  # trainers moved on after a save
+            made = self.produce_one(batch_no, now)
+            if made is None:  # nothing to plan yet: the trainers are not far enough
+                self.publish_stats()
+                time.sleep(self.coord.poll_s)
+                continue
             batch_no += 1
-            self.coord.publish_stats(self.producer_id, self.stats())
+            self.publish_stats(force=True)
             self.flush()
             if not made:
                 time.sleep(self.coord.poll_s)
@@ -340,13 +363,13 @@ class Producer(SasiFactory):
             self.loop()
         except Exception as exc:  # noqa: BLE001 - the job must go on without this producer
             self.stopped_by(exc)
-        self.coord.publish_stats(self.producer_id, self.stats())  # the error, before trainers see STOP
+        self.publish_stats(force=True)  # the error, before trainers see STOP
         self.sender.stop()  # trainers stop waiting for this producer
-        while not self.coord.trainers_done():  # keep serving checkpoints
-            self.serve_saves()
+        while not (view := self.coord.producer_view()).trainers_done:  # keep serving checkpoints
+            self.serve_saves(view.saves_requested)
             time.sleep(self.coord.poll_s)
-        self.serve_saves()
-        self.coord.publish_stats(self.producer_id, self.stats())
+        self.serve_saves(view.saves_requested)
+        self.publish_stats(force=True)
         self.close_store()
         return self.stats()
 

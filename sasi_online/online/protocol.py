@@ -17,25 +17,56 @@ producer busy with a long generation batch never stalls a trainer step:
               every producer reads it at the end and exits with it.
 
 No wait here blocks: counters use `store.add(key, 0)` (a missing key reads as 0) and keys
-are checked before they are read, polled with a short sleep. A blocking `store.get` or a
+are checked before they are read, polled every POLL_S. A blocking `store.get` or a
 barrier would run into the process groups' timeout whenever one peer is slow (a producer
 loading models for minutes, or inside a long batch at a quiet point).
+
+The store lives in the first trainer's process, so a waiting rank reads it politely: one
+request per poll, several counters at once (`counters`: one `multi_get`; each counter is
+created at 0 by one `add(key, 0)` the first time, so the read never waits on a missing key).
 """
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from typing import Any
 
 _P = "sasi_online"
+# Seconds between two reads of the job's store by a rank that waits (a producer with nothing
+# to do, a trainer waiting for a producer's answer): ~50 requests/s, and a state change is
+# seen within 20 ms, short against a training step of a GPU trainer at these batch sizes.
+POLL_S = 0.02
+
+
+@dataclass(frozen=True)
+class ProducerView:
+    """What a producer reads once per loop iteration (one store request)."""
+    trainers_done: bool
+    saves_requested: int
+    trainer_step: int
 
 
 class Coordination:
-    def __init__(self, store: Any, num_trainers: int, poll_s: float = 0.002):
+    def __init__(self, store: Any, num_trainers: int, poll_s: float = POLL_S):
         self.store = store
         self.num_trainers = num_trainers
         self.poll_s = poll_s
         self._published_step = 0
+        self._created: set[str] = set()  # counters this process made sure exist
+
+    def counters(self, *names: str) -> list[int]:
+        """Several counters in one request (`multi_get`); missing ones are created at 0 first."""
+        keys = [f"{_P}/{n}" for n in names]
+        for key in keys:
+            if key not in self._created:
+                self.store.add(key, 0)  # creates it at 0, or reads it: never overwrites
+                self._created.add(key)
+        return [int(v) for v in self.store.multi_get(keys)]
+
+    def producer_view(self) -> ProducerView:
+        done, saves, step = self.counters("trainers_done", "saves_announced", "step")
+        return ProducerView(done >= self.num_trainers, saves, step)
 
     # ------------------------------------------------------------------ step
     def publish_step(self, step: int) -> None:
@@ -77,9 +108,13 @@ class Coordination:
     def mark_saved(self, k: int) -> None:
         self.store.add(f"{_P}/save/{k}/done", 1)
 
-    def wait_saved(self, k: int, should_stop=lambda: False) -> None:
-        """Producer: wait until the first trainer finished checkpoint k."""
-        while int(self.store.add(f"{_P}/save/{k}/done", 0)) < 1 and not should_stop():
+    def wait_saved(self, k: int) -> None:
+        """Producer: wait until the first trainer finished checkpoint k (or every trainer
+        finished its steps): one read of both counters per poll."""
+        while True:
+            saved, done = self.counters(f"save/{k}/done", "trainers_done")
+            if saved >= 1 or done >= self.num_trainers:
+                return
             time.sleep(self.poll_s)
 
     # ------------------------------------------------------------------ end

@@ -6,13 +6,18 @@ data parallelism to the model plane (without one `deepspeed.initialize` waits fo
 producers that never join). Producers sit on the last ranks because DeepSpeed writes
 `latest` and `zero_to_fp32.py` only on global rank 0, which must be a trainer.
 The same code runs with gloo on a CPU and NCCL on GPUs.
+
+On several nodes (`local_layout`: the launcher's variables, DeepSpeed's LOCAL_SIZE or
+torchrun's LOCAL_WORLD_SIZE) `online.producers_per_node=P` puts the producers on the last
+P local ranks of every node instead (`producer_ranks_for`): each node then generates for
+the trainers beside it, and every node's GPUs count the same roles.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -109,6 +114,59 @@ def init_distributed(timeout_s: Optional[float] = None) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class LocalLayout:
+    """Where this rank sits on its node, as the launcher says."""
+    local_rank: int
+    local_size: int  # ranks on this node
+    nodes: Optional[int]  # nodes in the job (None: the launcher does not say)
+
+
+def _int_env(env: Mapping[str, str], *names: str) -> Optional[int]:
+    for name in names:
+        if env.get(name, "") != "":
+            try:
+                return int(env[name])
+            except ValueError:
+                raise UserInputError(f"the launcher's {name}={env[name]!r} is not a number") from None
+    return None
+
+
+def local_layout(env: Mapping[str, str], world: int) -> LocalLayout:
+    """This rank's node layout from the launcher's environment: torchrun sets LOCAL_RANK,
+    LOCAL_WORLD_SIZE and GROUP_WORLD_SIZE (nodes); DeepSpeed's launcher sets LOCAL_RANK,
+    LOCAL_SIZE and CROSS_SIZE (nodes). Neither: one node holding the whole world."""
+    size = _int_env(env, "LOCAL_WORLD_SIZE", "LOCAL_SIZE")
+    return LocalLayout(local_rank=_int_env(env, "LOCAL_RANK") or 0, local_size=size if size else world,
+                       nodes=_int_env(env, "GROUP_WORLD_SIZE", "CROSS_SIZE"))
+
+
+def producer_ranks_for(world: int, num_producers: int, per_node: int, layout: LocalLayout,
+                       rank: int = 0) -> list[int]:
+    """The producer ranks: the last `num_producers` of the world (per_node=0), or the last
+    `per_node` local ranks of every node (online.producers_per_node), ranks counted node by
+    node as both launchers number them."""
+    if per_node == 0:
+        return list(range(world - num_producers, world))
+    size = layout.local_size
+    if per_node < 0 or per_node >= size:
+        raise UserInputError(f"online.producers_per_node={per_node} must be between 0 and {size - 1}: each node "
+                             f"runs {size} ranks and keeps at least one trainer")
+    nodes = world // size
+    if world % size or (layout.nodes is not None and layout.nodes != nodes):
+        raise UserInputError(f"online.producers_per_node needs the same number of ranks on every node ({world} "
+                             f"ranks, {size} on this node, {layout.nodes or '?'} nodes); set "
+                             f"online.producers_per_node=0 (producers on the last online.producers ranks)")
+    if layout.local_rank != rank % size:
+        raise UserInputError(f"rank {rank} is local rank {layout.local_rank} of {size}: the launcher does not number "
+                             f"ranks node by node; set online.producers_per_node=0")
+    if num_producers != per_node * nodes:
+        raise UserInputError(f"online.producers counts every producer of the job: online.producers_per_node="
+                             f"{per_node} on {nodes} node(s) is online.producers={per_node * nodes} (got "
+                             f"{num_producers})")
+    return [n * size + size - per_node + j for n in range(nodes) for j in range(per_node)]
+
+
 def check_devices(mode: str, local_ranks: int, gpus: int) -> None:
     """NCCL refuses two ranks on one device ("Duplicate GPU detected"): say what to do instead."""
     if gpus > 0 and local_ranks > gpus:
@@ -120,8 +178,10 @@ def check_devices(mode: str, local_ranks: int, gpus: int) -> None:
                              f"ranks on one GPU (online.mode={mode}); {hint}")
 
 
-def setup_roles(num_producers: int, timeout_s: Optional[float] = None, mode: str = "launched") -> Roles:
-    """Split the world into trainers (first ranks) and `num_producers` producers (last ranks).
+def setup_roles(num_producers: int, timeout_s: Optional[float] = None, mode: str = "launched",
+                producers_per_node: int = 0) -> Roles:
+    """Split the world into trainers (first ranks) and `num_producers` producers (last ranks,
+    or the last `producers_per_node` local ranks of each node: producer_ranks_for).
 
     Must be called on every rank: `dist.new_group` is collective.
     """
@@ -136,10 +196,11 @@ def setup_roles(num_producers: int, timeout_s: Optional[float] = None, mode: str
             f"launch more ranks (deepspeed --num_gpus N) or lower online.producers"
             + (", or use online.mode=colocated (the trainer generates itself)" if world == 1 else "")
         )
+    layout = local_layout(os.environ, world)
     if torch.cuda.is_available():
-        check_devices(mode, int(os.environ.get("LOCAL_WORLD_SIZE", world)), torch.cuda.device_count())
-    trainers = list(range(world - num_producers))
-    producers = list(range(world - num_producers, world))
+        check_devices(mode, layout.local_size, torch.cuda.device_count())
+    producers = producer_ranks_for(world, num_producers, producers_per_node, layout, rank)
+    trainers = [r for r in range(world) if r not in producers]
     roles = Roles(rank=rank, world_size=world, num_producers=num_producers,
                   trainer_ranks=trainers, producer_ranks=producers)
     if not distributed:

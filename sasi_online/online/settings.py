@@ -21,6 +21,10 @@ def check_online_config(cfg: Any) -> None:
     if o.mode == "colocated" and o.producers != 0:
         raise UserInputError(f"online.mode=colocated generates inside each trainer and has no producer ranks; "
                              f"set online.producers=0 (got {o.producers}), or use online.mode=launched")
+    if o.producers_per_node < 0 or (o.producers_per_node > 0 and o.mode != "launched"):
+        raise UserInputError(f"online.producers_per_node places producer ranks (online.mode=launched) and must "
+                             f"be >= 0; set online.producers_per_node=0 (got {o.producers_per_node}, "
+                             f"online.mode={o.mode})")
     if o.colocated_every < 1:
         raise UserInputError(f"online.colocated_every must be >= 1, got {o.colocated_every}")
     if not online_enabled(cfg):

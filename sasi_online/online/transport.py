@@ -27,12 +27,15 @@ followed by B uint8 images, packed into one uint8 buffer.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from .protocol import POLL_S
 
 KIND_DATA = 0
 KIND_STOP = 1
@@ -98,25 +101,46 @@ def _credit_key(producer: int, trainer: int) -> str:
 
 
 class SasiSender:
-    """Producer side: send SASI to the trainer that owns each image index, never blocking."""
+    """Producer side: send SASI to the trainer that owns each image index, never blocking.
+
+    The trainers' consumed counts are read from the store for all trainers in one request
+    (`multi_get`), and at most once per `refresh_s`: a count only grows, so an older one
+    only under-states the credits left (a send waits a little, never overruns a trainer)."""
 
     def __init__(self, trainer_ranks: list[int], batch: int, image_shape, group: Any,
-                 credits: int, store: Any):
+                 credits: int, store: Any, refresh_s: float = POLL_S):
         _require_gloo(group)
         self.layout = _Layout(batch, image_shape)
         self.trainers = list(trainer_ranks)
         self.group = group
         self.credits = credits
         self.store = store
+        self.refresh_s = refresh_s
         self.rank = dist.get_rank()
         self.sent = {t: 0 for t in self.trainers}
         self.pending: list[tuple] = []  # (work, buffer, trainer, seq): kept until known done
+        self._keys = [_credit_key(self.rank, t) for t in self.trainers]
+        for key in self._keys:
+            self.store.add(key, 0)  # every count exists (at 0): multi_get never waits on a missing key
+        self._consumed = {t: 0 for t in self.trainers}
+        self._read_at = float("-inf")
+
+    def refresh(self) -> None:
+        """Every trainer's consumed count, in one store request."""
+        values = self.store.multi_get(self._keys)
+        self._consumed = {t: int(v) for t, v in zip(self.trainers, values)}
+        self._read_at = time.perf_counter()
 
     def consumed(self, trainer: int) -> int:
-        return int(self.store.add(_credit_key(self.rank, trainer), 0))
+        """Messages `trainer` has taken from this producer, as last read."""
+        return self._consumed[trainer]
 
     def has_credit(self, trainer: int) -> bool:
-        return self.sent[trainer] - self.consumed(trainer) < self.credits
+        if self.sent[trainer] - self._consumed[trainer] < self.credits:
+            return True
+        if time.perf_counter() - self._read_at >= self.refresh_s:  # no credit as last read: look again
+            self.refresh()
+        return self.sent[trainer] - self._consumed[trainer] < self.credits
 
     def _reap(self) -> None:
         # A send is known complete once the receiver consumed a later message count;

@@ -7,6 +7,11 @@ Beside them each tag folder holds `meta.json` (step, config hash — checked bef
 state is touched), one `rng_rank{r}.pt` per trainer (python/numpy/torch RNG states) and
 one `client_rank{r}.json` per trainer: state that differs between trainers (its SASI
 outcome counters, its SASI source). DeepSpeed's client state is the first trainer's only.
+
+bf16 at train.zero_stage=0 now runs at ZeRO stage 1 (engine.zero_stage_for); a checkpoint
+written before, at stage 0, holds the optimizer in the model-states file (DeepSpeed's
+FP16_UnfusedOptimizer: fp32 master weights and the torch optimizer's per-parameter state).
+`load` moves those into the stage-1 optimizer's partitions (`_load_stage0_optimizer`).
 """
 from __future__ import annotations
 
@@ -36,6 +41,9 @@ _VOLATILE = {("train", k) for k in ("steps", "out", "log_every", "ckpt_every", "
     ("online", k) for k in ("fault_batch", "fault_loop_after", "fault_producer", "fault_delay_s",
                             "fault_delay_producer", "fault_load", "plots", "first_sasi_timeout_s",
                             "allow_fallback_only")} | {("train", "dist_timeout_s")}
+# Keys added after checkpoints were written, with the value that keeps what those runs did:
+# hashed only when set to something else, so that the older checkpoints still resume.
+_ADDED_KEYS = {("online", "producers_per_node"): 0}
 KEEP_LAST = 2
 
 
@@ -51,6 +59,9 @@ def config_hash(cfg) -> str:
     d = resolve_recipe(copy.deepcopy(cfg)).to_dict()  # a field left None = its recipe value
     for section, key in _VOLATILE:
         d.get(section, {}).pop(key, None)
+    for (section, key), default in _ADDED_KEYS.items():
+        if d.get(section, {}).get(key) == default:
+            d[section].pop(key)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -221,11 +232,16 @@ def load(engine, ckpt_dir: Path, cfg, trainer_rank: int) -> Optional[dict]:
         return None
     tag, _ = found
     check_config(ckpt_dir, cfg)
+    across = _written_without_zero(engine, ckpt_dir / tag)
+    # across the stage mapping DeepSpeed finds no ZeRO files: it loads the module and the
+    # schedule, and hands the stage-0 optimizer back in the client state (not loaded)
     _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=True,
-                                       load_optimizer_states=True, load_lr_scheduler_states=True)
+                                       load_optimizer_states=not across, load_lr_scheduler_states=True)
     if client is None:
         raise UserInputError(f"checkpoint '{ckpt_dir / tag}' could not be read; delete it to "
                              f"fall back to the one before")
+    if across:
+        _load_stage0_optimizer(engine, client.pop("optimizer", None), ckpt_dir / tag)
     rng_file = ckpt_dir / tag / f"rng_rank{trainer_rank}.pt"
     if rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=True))
@@ -233,3 +249,65 @@ def load(engine, ckpt_dir: Path, cfg, trainer_rank: int) -> Optional[dict]:
     if own.is_file():  # this trainer's counters, not the first trainer's
         client = {**client, **json.loads(own.read_text())}
     return client
+
+
+# ----------------------------------------------------------------------------- stage 0 -> ZeRO
+def _written_without_zero(engine, folder: Path) -> bool:
+    """The engine partitions its optimizer (ZeRO >= 1) but the checkpoint has no ZeRO files:
+    written at stage 0 (bf16 at train.zero_stage=0 before it mapped to stage 1)."""
+    zero = bool(getattr(engine, "zero_optimization", lambda: False)())
+    return zero and not any(folder.glob("*zero_pp_rank_*_optim_states.pt"))
+
+
+def _stage0_error(folder: Path, why: str) -> UserInputError:
+    return UserInputError(f"checkpoint '{folder}' was written at ZeRO stage 0 and cannot resume at stage 1 "
+                          f"({why}). Resume it with the version that wrote it, or start afresh with a new "
+                          f"train.out (or train.resume=false)")
+
+
+# how the torch optimizer runs here, not what it computes: kept from this run's optimizer
+_IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
+
+
+def _load_stage0_optimizer(engine, state: Optional[dict], folder: Path) -> None:
+    """Stage-0 bf16 optimizer state (FP16_UnfusedOptimizer.state_dict(): `fp32_groups` and the
+    torch optimizer's `optimizer_state_dict`) into the ZeRO optimizer: each trainer copies its
+    own slice of every fp32 master weight and every per-parameter state tensor; step counts
+    and the groups' settings (lr, weight decay, momentum) are taken as they were."""
+    if not isinstance(state, dict) or "fp32_groups" not in state or "optimizer_state_dict" not in state:
+        raise _stage0_error(folder, "its model-states file holds no bf16 optimizer state")
+    zero = engine.optimizer
+    masters, saved = state["fp32_groups"], state["optimizer_state_dict"]
+    if len(masters) != len(zero.bit16_groups) or len(saved["param_groups"]) != len(masters):
+        raise _stage0_error(folder, f"{len(masters)} parameter groups there, {len(zero.bit16_groups)} here")
+    states, groups, first = {}, [], 0  # the saved state numbers parameters across groups, in order
+    for g, (params, fulls) in enumerate(zip(zero.bit16_groups, masters)):
+        if [tuple(p.shape) for p in params] != [tuple(f.shape) for f in fulls]:
+            raise _stage0_error(folder, f"parameter group {g} has other shapes")
+        per_param = [saved["state"].get(first + j, {}) for j in range(len(fulls))]
+        states[g] = _partition_state(params, fulls, per_param, zero.single_partition_of_fp32_groups[g])
+        here = zero.optimizer.param_groups[g]
+        groups.append({**saved["param_groups"][g], **{k: here[k] for k in _IMPLEMENTATION_KEYS if k in here},
+                       "params": [g]})
+        first += len(fulls)
+    zero.optimizer.load_state_dict({"state": states, "param_groups": groups})  # torch's own placement rules
+    log.info("checkpoint %s: stage-0 optimizer state loaded into the ZeRO stage-1 optimizer", folder)
+
+
+def _partition_state(params: list, fulls: list, per_param: list[dict], flat: torch.Tensor) -> dict:
+    """This trainer's flat partition: fp32 masters copied into `flat`; returns the torch
+    optimizer's state for it (per-parameter tensors laid out as `flat`, the rest as is)."""
+    out: dict = {}
+    for p, full, st in zip(params, fulls, per_param):
+        mapping = getattr(p, "_hp_mapping", None)
+        if mapping is None:  # this parameter lies in other trainers' partitions
+            continue
+        lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
+        flat.data.narrow(0, hp.start, hp.numel).copy_(full.flatten().narrow(0, lp.start, lp.numel))
+        for key, value in st.items():
+            if key != "step" and torch.is_tensor(value) and value.shape == full.shape:
+                buf = out.setdefault(key, torch.zeros_like(flat))
+                buf.narrow(0, hp.start, hp.numel).copy_(value.flatten().narrow(0, lp.start, lp.numel))
+            else:  # step counts (one per group in the flat optimizer), None buffers
+                out.setdefault(key, value)
+    return out

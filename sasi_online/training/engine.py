@@ -6,6 +6,10 @@
 - The `deepspeed_shm_comm` op is disabled before init: it compiles for ~20 s on first
   use and leaves ~66 MiB per rank in /dev/shm, for no gain on a CPU.
 - bf16 on a CPU needs `buffer_dtype: bf16`, or BatchNorm mixes dtypes.
+- No device sync inside a step: DeepSpeed's throughput timer and wall-clock breakdown are
+  off, bf16 never runs on DeepSpeed's FP16_UnfusedOptimizer (stage 0 + bf16 runs at ZeRO
+  stage 1, see `zero_stage_for`), and the bf16 overflow check (one `.item()` per step) is
+  off: the loop finds a non-finite loss itself (training/loop.py, DeviceTally).
 """
 from __future__ import annotations
 
@@ -67,6 +71,26 @@ def init_process_group(timeout_s: Optional[float] = None) -> bool:
     return True
 
 
+ZERO0_BF16_NOTE = ("train.zero_stage=0 with train.precision=bf16 runs at ZeRO stage 1: at stage 0 "
+                   "DeepSpeed wraps bf16 in FP16_UnfusedOptimizer, which reads an overflow flag back "
+                   "from the device for every parameter at every step; stage 1 keeps the fp32 master "
+                   "weights too (split over the trainers). A checkpoint written at stage 0 resumes")
+
+
+def zero_stage_for(train_cfg) -> int:
+    """The ZeRO stage DeepSpeed runs: `train.zero_stage`, except bf16 at stage 0 -> stage 1
+    (ZERO0_BF16_NOTE). The config keeps its own value (and so its hash: resumes match)."""
+    if train_cfg.precision == "bf16" and train_cfg.zero_stage == 0:
+        return 1
+    return train_cfg.zero_stage
+
+
+def announce_zero_stage(train_cfg, is_main: bool) -> None:
+    """One line when the stage DeepSpeed runs differs from train.zero_stage."""
+    if is_main and zero_stage_for(train_cfg) != train_cfg.zero_stage:
+        print(ZERO0_BF16_NOTE, flush=True)
+
+
 def deepspeed_config(cfg, micro_batch: int, num_trainers: int) -> dict:
     t = cfg.train
     if t.zero_stage not in (0, 1, 2):
@@ -80,9 +104,11 @@ def deepspeed_config(cfg, micro_batch: int, num_trainers: int) -> dict:
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": t.grad_accum,
         "train_batch_size": micro_batch * t.grad_accum * num_trainers,
-        "zero_optimization": {"stage": t.zero_stage},
+        "zero_optimization": {"stage": zero_stage_for(t)},
         "zero_allow_untested_optimizer": True,  # our torch SGD/LARS/AdamW
         "steps_per_print": 10 ** 9,
+        # per-phase timers: a device sync around every forward, backward and step (a user's
+        # --deepspeed_config may turn it on to profile, and then pays those syncs)
         "wall_clock_breakdown": False,
         "checkpoint": {"tag_validation": "Ignore"},
         # DeepSpeed's throughput timer is on and synchronised by default: a device sync at
@@ -93,7 +119,10 @@ def deepspeed_config(cfg, micro_batch: int, num_trainers: int) -> dict:
         "gradient_clipping": 0.0,
     }
     if t.precision == "bf16":
-        conf["bf16"] = {"enabled": True}
+        # check_grad_overflow: DeepSpeed's ZeRO reads an overflow flag back (`.item()`) every
+        # step to skip it; bf16 has no loss scale to lower, and the loop stops on a non-finite
+        # loss itself (the last good checkpoint kept), as it does in fp32
+        conf["bf16"] = {"enabled": True, "check_grad_overflow": False}
         conf["data_types"] = {"buffer_dtype": "bf16"}
     return merge_user_config(conf, t.deepspeed)
 

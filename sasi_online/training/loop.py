@@ -82,6 +82,7 @@ class Run:
     wait: float = 0.0
     steps_in_interval: int = 0
     lr: float = 0.0
+    memory_format: torch.memory_format = torch.preserve_format  # channels_last: a CNN on CUDA (speed.py)
 
     @property
     def out(self) -> Path:
@@ -129,22 +130,29 @@ def _knn_monitor(cfg, dataset, augmenter, is_main: bool):
 
 
 def _model_and_engine(cfg, roles, method_factory, builder_for_method, num_images: int = 0):
+    """(engine, scheduler, memory format of the views): the method, its optimizer and
+    schedule, set for the trainer's device (speed.py) and wrapped by DeepSpeed."""
+    from sasi_online.online.groups import trainer_device
     from sasi_online.ssl import build_method
-    from sasi_online.training.engine import build_engine, deepspeed_config
+    from sasi_online.training.engine import announce_zero_stage, build_engine, deepspeed_config
     from sasi_online.training.optim import build_optimizer
     from sasi_online.training.schedule import build_scheduler
+    from sasi_online.training.speed import apply_backbone_settings
 
     t = cfg.train
     global_batch = t.batch_size * roles.num_trainers
+    device = trainer_device()
     torch.manual_seed(derive_seed(t.seed, "init"))  # identical initial weights on every trainer
     method = (method_factory or build_method)(cfg.method, global_batch)
     method.steps_per_epoch = max(num_images // (global_batch * t.grad_accum), 1)  # epoch-valued knobs
     builder_for_method(method)
-    optimizer = build_optimizer(cfg.optim, method.param_groups(), global_batch)
+    memory_format = apply_backbone_settings(method, device)
+    optimizer = build_optimizer(cfg.optim, method.param_groups(), global_batch, device)
     scheduler = build_scheduler(optimizer, cfg.optim, t.steps, method.steps_per_epoch)
+    announce_zero_stage(t, roles.trainer_rank == 0)
     engine = build_engine(method, optimizer, scheduler, deepspeed_config(cfg, t.batch_size, roles.num_trainers),
                           roles.mpu)
-    return engine, scheduler
+    return engine, scheduler, memory_format
 
 
 def set_up(cfg, roles, method_factory=None) -> Run:
@@ -165,7 +173,7 @@ def set_up(cfg, roles, method_factory=None) -> Run:
     augmenter = build_augmenter(cfg.augment, cfg.data.image_size, seed=derive_seed(t.seed, rank),
                                 max_batch=max(t.batch_size, 1))
     views: dict = {}
-    engine, scheduler = _model_and_engine(cfg, roles, method_factory, lambda m: views.update(
+    engine, scheduler, memory_format = _model_and_engine(cfg, roles, method_factory, lambda m: views.update(
         num_global=m.num_global_views, num_local=cfg.method.local_crops if getattr(m, "multi_crop", False) else 0),
         len(dataset))
     source = build_source(cfg, roles, dataset, sampler,
@@ -183,7 +191,7 @@ def set_up(cfg, roles, method_factory=None) -> Run:
     from sasi_online.train import TrainResult
 
     return Run(cfg, roles, engine, scheduler, source, logger, _knn_monitor(cfg, dataset, augmenter, is_main),
-               TrainResult(out=Path(t.out), step=start), start, outcomes)
+               TrainResult(out=Path(t.out), step=start), start, outcomes, memory_format=memory_format)
 
 
 # ----------------------------------------------------------------------------- step
@@ -205,7 +213,8 @@ def train_step(run: Run, step: int) -> None:
         views, outs = run.source.next(m)
         run.wait += time.perf_counter() - t0
         run.outcomes.update(outs)
-        views = [v.to(device=engine.device, dtype=run.dtype, non_blocking=True) for v in views]
+        views = [v.to(device=engine.device, dtype=run.dtype, memory_format=run.memory_format, non_blocking=True)
+                 for v in views]
         torch.manual_seed(derive_seed(t.seed, run.roles.trainer_rank, m, "forward"))
         res = _loss_of(engine, views, t.pair_mode, step, t.steps)
         run.tally.add(res, m)

@@ -162,9 +162,14 @@ def _merge_decay(param_groups: list[dict], exclude_bias_norm: bool) -> list[dict
     return ([merged] if merged["params"] else []) + rest
 
 
-def build_optimizer(cfg_optim, param_groups: list[dict], global_batch: int) -> torch.optim.Optimizer:
+def build_optimizer(cfg_optim, param_groups: list[dict], global_batch: int,
+                    device: Optional[torch.device] = None) -> torch.optim.Optimizer:
     """A torch optimizer (DeepSpeed gets it passed in: no FusedAdam build). `cfg_optim`
-    fields must be resolved (`apply_recipe`); None ones fall back to plain values."""
+    fields must be resolved (`apply_recipe`); None ones fall back to plain values.
+    `device`: the trainer's; on CUDA SGD and AdamW use their fused kernels (speed.py)."""
+    from sasi_online.training.speed import optimizer_kernels
+
+    kernels = optimizer_kernels(device) if device is not None else {}
     name = cfg_optim.name or "sgd"
     if name not in OPTIMIZERS:
         raise UserInputError(f"optim.name '{name}' is not one of {', '.join(OPTIMIZERS)}")
@@ -191,13 +196,13 @@ def build_optimizer(cfg_optim, param_groups: list[dict], global_batch: int) -> t
     if name == "lars" or clip_grad > 0:
         groups = split_layers(groups)
     if name == "sgd":
-        return SGD(groups, lr=lr, momentum=cfg_optim.momentum, weight_decay=wd, clip_grad=clip_grad)
+        return SGD(groups, lr=lr, momentum=cfg_optim.momentum, weight_decay=wd, clip_grad=clip_grad, **kernels)
     if name == "lars":
         return LARS(groups, lr=lr, momentum=cfg_optim.momentum, weight_decay=wd,
                     eta=float(cfg_optim.lars_eta if cfg_optim.lars_eta is not None else 0.001),
                     clip=bool(cfg_optim.lars_clip), clip_grad=clip_grad,
                     trust=getattr(cfg_optim, "lars_trust", None) or "sum")
-    return AdamW(groups, lr=lr, weight_decay=wd, clip_grad=clip_grad)
+    return AdamW(groups, lr=lr, weight_decay=wd, clip_grad=clip_grad, **kernels)
 
 
 def configure_partitioning(optimizer: Any, engine: Any, group: Optional[Any]) -> bool:

@@ -26,18 +26,16 @@ import torch
 
 def iterate(make: Callable, first: int, last: int, num_workers: int, pin: bool = False) -> Iterator:
     """(views, outcomes) of micro-steps first..last-1, optionally from loader workers
-    (`pin`: into pinned host memory, for non-blocking copies to a GPU)."""
+    (`pin`: into pinned host memory, for non-blocking copies to a GPU). The workers start
+    here, when the source starts, not inside the first training step."""
     if num_workers <= 0:
-        for m in range(first, last):
-            b = make(m)
-            yield b.views, dict(b.outcomes)
-        return
+        return ((b.views, dict(b.outcomes)) for b in map(make, range(first, last)))
     from sasi_online.train import _MicroBatchDataset
 
     loader = torch.utils.data.DataLoader(_MicroBatchDataset(make, first, last), batch_size=None,
                                          shuffle=False, num_workers=num_workers, pin_memory=pin,
                                          worker_init_fn=_one_thread)
-    yield from loader
+    return iter(loader)
 
 
 def _one_thread(_: int) -> None:
