@@ -624,8 +624,7 @@ def _common(args, zoo: Path) -> tuple[list[str], list[str]]:
     if args.holdout and limit > HOLDOUT_TRAIN:
         raise SystemExit(f"--holdout trains on at most {HOLDOUT_TRAIN} images; --limit {limit} would see the test part")
     split = "holdout" if args.holdout else args.test_split
-    if split == "full":
-        check_test_split(split)
+    check_test_split(split)
     common = [f"models.root={zoo}", f"augment.recipe={AUGMENT}", *([f"train.steps={args.steps}"] if args.steps else []),
               *([f"data.limit={limit}"] if limit else []), *args.overrides]
     return common, eval_overrides(split)

@@ -45,14 +45,15 @@ def evaluate_frozen(model: torch.nn.Module, cfg) -> dict:
     from sasi_online.eval.features import extract_features
     from sasi_online.eval.knn import knn_evaluate
     from sasi_online.eval.linear import linear_probe
-    from sasi_online.eval.suite import _normalisation
+    from sasi_online.eval.suite import _device, _normalisation, _num_classes
 
     ev = cfg.eval
     mean, std = _normalisation(cfg)
-    feats = [extract_features(model, build_dataset(cfg.data, split), cfg.data.image_size, mean, std,
-                              ev.batch_size, ev.crop_ratio, "cpu", 0, desc=split)
-             for split in (ev.train_split, ev.test_split)]
-    (train, test), classes = feats, 10
+    device = _device(ev.device)
+    train_ds, test_ds = build_dataset(cfg.data, ev.train_split), build_dataset(cfg.data, ev.test_split)
+    train, test = (extract_features(model.to(device), ds, cfg.data.image_size, mean, std, ev.batch_size,
+                                    ev.crop_ratio, device, 0, desc=ds.split) for ds in (train_ds, test_ds))
+    classes = _num_classes(train_ds, train.labels, test.labels)
     knn = knn_evaluate(train.feats, train.labels, test.feats, test.labels, k=ev.knn_k, t=ev.knn_t,
                        num_classes=classes, center=ev.knn_center)
     lin = linear_probe(train.feats, train.labels, test.feats, test.labels, classes,

@@ -256,19 +256,17 @@ def load_fashion_mnist(split: str, root: Optional[str] = None) -> ArrayDataset:
     official 10,000-image test split (never seen by the embedded subset's models or runs),
     read from `root` (default: where `apt-get install dataset-fashion-mnist` puts it)."""
     _check_split("fashion_mnist", split, ("train", "test", "test_full", "holdout"))
-    if split == "holdout":  # for choosing recipes without the test split: train with data.limit <= 1600
-        with resources.as_file(resources.files("sasi_online") / "assets" / "fashion_mnist" / "subset.npz") as path, \
-                np.load(path) as npz:
-            images, labels = npz["train_images"][-FASHION_MNIST_HOLDOUT:], npz["train_labels"][-FASHION_MNIST_HOLDOUT:]
-        return ArrayDataset("fashion_mnist", split, images, labels, FASHION_MNIST_CLASSES)
     if split == "test_full":
         from sasi_online.data.idx import DEFAULT_DATA, load_split
 
         images, labels = load_split(root or DEFAULT_DATA, "test")
         return ArrayDataset("fashion_mnist", split, images, labels, FASHION_MNIST_CLASSES)
     ref = resources.files("sasi_online") / "assets" / "fashion_mnist" / "subset.npz"
+    stored = "train" if split == "holdout" else split
     with resources.as_file(ref) as path, np.load(path) as npz:
-        images, labels = npz[f"{split}_images"], npz[f"{split}_labels"]
+        images, labels = npz[f"{stored}_images"], npz[f"{stored}_labels"]
+    if split == "holdout":  # for choosing recipes without the test split: train with data.limit <= 1600
+        images, labels = images[-FASHION_MNIST_HOLDOUT:], labels[-FASHION_MNIST_HOLDOUT:]
     return ArrayDataset("fashion_mnist", split, images, labels, FASHION_MNIST_CLASSES)
 
 
