@@ -5,7 +5,7 @@ random resized crop (bilinear, no antialias) → horizontal flip → colour jitt
 FIXED order brightness, contrast, saturation, hue (torchvision picks a random order per
 call; a fixed order keeps the kernel branch-free) → optional grayscale → optional Gaussian
 blur (per-view sigma, reflect padding, torchvision's taps; the kernel covers ±3σ of the
-recipe's largest sigma, `sasi_online.data.augment.blur_kernel_for`) → optional solarisation
+recipe's largest sigma, `blur_kernel_for`) → optional solarisation
 (pixels at or above 128/255 inverted) → normalise. That is every op of the project's
 recipes (data/recipes/: MoCo-v2, SimCLR, BYOL, MoCo-v3, SwAV, DINO, solo-learn's).
 The Triton kernel fuses everything up to grayscale; blur and solarisation, when a draw
@@ -32,7 +32,6 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from sasi_online.data.augment import blur_kernel_for
 from sasi_online.errors import UserInputError
 
 from ._triton import jit, require_triton
@@ -282,14 +281,32 @@ def _check_params(params: AugParams, n: int, h: int, w: int, out_size: int) -> N
 SOLARIZE_THRESHOLD = 128 / 255  # torchvision's RandomSolarize(threshold=128) on uint8 images
 
 
+def _odd_cap(side: int) -> int:
+    """The largest odd kernel side reflect padding allows at `side` (k // 2 < side)."""
+    return (int(side) - 1) // 2 * 2 + 1
+
+
+def blur_kernel_for(sigma_max: float, side: int | None = None) -> int:
+    """The blur rule's kernel: odd k = 2 * ceil(3 * sigma_max) + 1 (the Gaussian beyond 3 sigma
+    weighs < 0.3 %), at least 3, at most the largest odd number <= `side` (reflect padding
+    needs k // 2 < side); 1 (no blur) when side < 3. `side` None: no cap."""
+    if not sigma_max > 0:
+        raise UserInputError(f"blur sigma_max={sigma_max}: must be > 0")
+    k = max(3, 2 * math.ceil(round(3.0 * float(sigma_max), 9)) + 1)  # round: 3 * 0.1 * 10 is 3.0000000000000004
+    if side is None:
+        return k
+    side = int(side)
+    return 1 if side < 3 else min(k, _odd_cap(side))
+
+
 def blur_kernel_size(params: AugParams, out_size: int) -> int:
     """The blur's odd kernel side at `out_size`: `params.blur_kernel` (sample_aug_params sets
     the recipe's, 2 * ceil(3 * sigma_max) + 1) capped at the largest odd number <= the side,
-    as `sasi_online.data.augment.blur_kernel_for`; 1 (no blur) below 3 px."""
+    as `blur_kernel_for`; 1 (no blur) below 3 px."""
     if out_size < 3:
         return 1
     if params.blur_kernel:
-        return min(params.blur_kernel, (out_size - 1) // 2 * 2 + 1)  # reflect padding < side
+        return min(params.blur_kernel, _odd_cap(out_size))
     sigma = params.blur_sigma
     if sigma is None or sigma.numel() == 0:
         return 3

@@ -24,6 +24,7 @@ import torch
 import yaml
 
 from sasi_online.errors import UserInputError
+from sasi_online.kernels.ring_augment import blur_kernel_for  # noqa: F401  (the rule lives beside the taps)
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 PLAIN = "plain"  # the view kind without augmentation
@@ -66,19 +67,6 @@ class ViewSpec:
         """Odd kernel side covering +-3 sigma of the largest sigma at the view's side
         (`blur_kernel_for`); every backend (torchvision, DALI, device views) uses it."""
         return blur_kernel_for(self.sigma_range(image_size)[1], self.side(image_size))
-
-
-def blur_kernel_for(sigma_max: float, side: Optional[int] = None) -> int:
-    """The blur rule's kernel: odd k = 2 * ceil(3 * sigma_max) + 1 (the Gaussian beyond 3 sigma
-    weighs < 0.3 %), at least 3, at most the largest odd number <= `side` (reflect padding
-    needs k // 2 < side); 1 (no blur) when side < 3. `side` None: no cap."""
-    if not sigma_max > 0:
-        raise UserInputError(f"blur sigma_max={sigma_max}: must be > 0")
-    k = max(3, 2 * math.ceil(round(3.0 * float(sigma_max), 9)) + 1)  # round: 3 * 0.1 * 10 is 3.0000000000000004
-    if side is None:
-        return k
-    side = int(side)
-    return 1 if side < 3 else min(k, (side - 1) // 2 * 2 + 1)
 
 
 def blur_neighbour_weight(sigma: float, kernel: int) -> float:
